@@ -1,0 +1,29 @@
+# The three commands a new user needs: make install, make demo, make test.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Point the asset cache at a local folder to work offline (tests use ../shared/data).
+export GPT2_CACHE_DIR ?= $(HOME)/.cache/gpt2
+
+.PHONY: install demo test lint format bench clean
+
+install:  ## a virtual environment with torch 2.13.0 (CPU) and the package, editable, with test extras
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[test,dev]"
+
+demo:  ## train a small character model on TinyShakespeare on the CPU, then sample
+	$(BIN)/gpt2 train
+
+test:  ## the test suite (what CI runs)
+	$(BIN)/python -m pytest
+
+lint:
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format:
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+clean:
+	rm -rf out data .pytest_cache

@@ -1,0 +1,76 @@
+"""The ``gpt2`` command line: one subcommand per module in `gpt2.commands`.
+
+A `UserError` anywhere below becomes one line on stderr and exit code 2; so does a bad option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from tqdm.auto import tqdm
+
+from gpt2.errors import UserError
+
+# Each module defines ``register(subparsers)``, which adds its parser and sets ``func``.
+COMMAND_MODULES = (
+    "gpt2.commands.prepare",
+    "gpt2.commands.train",
+    "gpt2.commands.sample",
+    "gpt2.commands.presets",
+)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines written through tqdm so that they do not break a progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="gpt2",
+        description="GPT-2 from scratch: prepare data, train, sample, evaluate, export, serve.",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("gpt2")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    try:
+        return args.func(args) or 0
+    except UserError as e:
+        print(f"gpt2 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gpt2 {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the ``gpt2`` command line, one module each (see `gpt2.cli`)."""

@@ -1,0 +1,181 @@
+"""Configuration: the model's shape (`GPTConfig`) and how to train it (`TrainConfig`).
+
+The two are kept apart on purpose: a checkpoint's architecture must not change when a user
+changes the learning rate, and a preset such as ``gpt2`` names a shape, never an optimiser.
+
+Every field carries a ``help`` string in its metadata; the command line builds its flags
+from these, so a field documented here is documented in ``gpt2 train --help`` too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gpt2.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+
+def _help(text: str, **kw: Any) -> Any:
+    """A dataclass field whose help text is shown by the command line."""
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class GPTConfig:
+    """The shape of a GPT-2 model."""
+
+    block_size: int = _help("context length in tokens (the number of position embeddings)", default=1024)
+    vocab_size: int = _help(
+        "number of token embeddings; GPT-2's is 50257 (50,000 merges + 256 bytes + <|endoftext|>)",
+        default=50257,
+    )
+    n_layer: int = _help("number of transformer blocks", default=12)
+    n_head: int = _help("attention heads per block; must divide n_embd", default=12)
+    n_embd: int = _help("width of the residual stream", default=768)
+    dropout: float = _help("dropout probability (0 for pre-training small models and for GPT-2)", default=0.0)
+    bias: bool = _help("biases in Linear and LayerNorm layers, as GPT-2 has", default=True)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `UserError` with a message naming the first field that is out of range."""
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserError(f"model config: {name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise UserError(
+                f"model config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> GPTConfig:
+        """A named shape, with any field overridden (explicit values win over the preset)."""
+        if name not in MODEL_PRESETS:
+            known = ", ".join(MODEL_PRESETS)
+            raise UserError(f"unknown model preset {name!r}; known presets: {known}")
+        values = {**MODEL_PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GPTConfig:
+        return cls(**_known_fields(cls, data, "model config"))
+
+
+# The four OpenAI sizes (Radford et al. 2019, table 2) and small shapes that train on a CPU.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024, vocab_size=50257),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024, vocab_size=50257),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024, vocab_size=50257),
+    # nanoGPT's character-level CPU recipe: 4 blocks of width 128, context 64.
+    "char-small": dict(n_layer=4, n_head=4, n_embd=128, block_size=64),
+    # A few-second model for tests and smoke runs.
+    "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=32),
+    # nanoGPT's GPU character recipe (about 2.7M parameters besides the embeddings).
+    "char-medium": dict(n_layer=6, n_head=6, n_embd=192, block_size=256),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything about a training run that is not the model's shape."""
+
+    data: str = _help(
+        "prepared data folder (from `gpt2 prepare`); empty: TinyShakespeare, characters", default=""
+    )
+    out_dir: str = _help("folder for the checkpoint, the metrics log and the samples", default="out/shakespeare-char")
+    model: str = _help("model preset (see `gpt2 presets`); vocab size comes from the data", default="char-small")
+    init_from: str = _help(
+        "start from these weights: a checkpoint folder or a Hugging Face GPT-2 name/folder", default=""
+    )
+    max_iters: int = _help("optimiser steps to run", default=2000)
+    batch_size: int = _help("sequences per step", default=12)
+    learning_rate: float = _help("peak learning rate, reached after the warm-up", default=1e-3)
+    min_lr: float = _help("learning rate at the end of the cosine decay", default=1e-4)
+    warmup_iters: int = _help("steps of linear warm-up from 0 to learning_rate", default=100)
+    lr_decay_iters: int = _help("step at which the cosine decay reaches min_lr (0: max_iters)", default=0)
+    weight_decay: float = _help("AdamW weight decay, applied to 2-D weights only", default=0.1)
+    beta1: float = _help("AdamW beta1", default=0.9)
+    beta2: float = _help("AdamW beta2 (0.99 suits small batches)", default=0.99)
+    grad_clip: float = _help("clip the global gradient norm to this (0 disables)", default=1.0)
+    eval_interval: int = _help("estimate train and val loss every this many steps", default=250)
+    eval_iters: int = _help("batches per loss estimate (the same batches each time)", default=50)
+    log_interval: int = _help("write a metrics line every this many steps", default=10)
+    sample_tokens: int = _help("tokens to sample at the end of training (0: none)", default=300)
+    seed: int = _help("random seed for initialisation, batch order and dropout", default=1337)
+    device: str = _help("auto, cpu, cuda, cuda:N or mps; auto picks CUDA, then MPS, then the CPU", default="auto")
+    num_threads: int = _help("CPU threads for torch (0: torch's default)", default=0)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        positive = ("max_iters", "batch_size", "eval_interval", "eval_iters", "log_interval")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"train config: {name} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup_iters", "lr_decay_iters", "sample_tokens", "num_threads"):
+            if getattr(self, name) < 0:
+                raise UserError(f"train config: {name} must not be negative, got {getattr(self, name)}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise UserError(f"train config: learning_rate must be positive, got {self.learning_rate}")
+        if not 0 <= self.min_lr <= self.learning_rate:
+            raise UserError("train config: min_lr must be between 0 and learning_rate")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UserError(f"train config: {name} must be in [0, 1), got {getattr(self, name)}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise UserError("train config: weight_decay and grad_clip must not be negative")
+        if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda", "mps"):
+            raise UserError(f"train config: unknown device {self.device!r} (auto, cpu, cuda, mps)")
+
+    @property
+    def decay_iters(self) -> int:
+        return self.lr_decay_iters or self.max_iters
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return cls(**_known_fields(cls, data, "train config"))
+
+
+def _known_fields(cls: type, data: dict[str, Any], what: str) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UserError(f"{what}: unknown field(s) {', '.join(unknown)}")
+    return dict(data)
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML run file: top-level keys for training, a ``[model]`` table for the shape."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"config file {path} is not valid TOML: {e}") from None

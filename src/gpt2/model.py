@@ -1,0 +1,186 @@
+"""The GPT-2 language model, written out in full.
+
+Read top to bottom: attention, the MLP, a block that joins them, then the model.
+
+References:
+1) Radford et al. 2019, "Language Models are Unsupervised Multitask Learners" (GPT-2): pre-LayerNorm
+   blocks, a final LayerNorm, residual projections initialised with std 0.02 / sqrt(2 * n_layer).
+2) OpenAI's TensorFlow release (gpt-2/src/model.py): the tanh approximation of GELU, 4x MLP,
+   one fused query/key/value projection, and an output head tied to the token embedding.
+3) Vaswani et al. 2017, "Attention Is All You Need": scaled dot-product attention.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gpt2.config import GPTConfig
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention in which position t sees positions 0..t only."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        # One matrix computes queries, keys and values for every head at once, as in GPT-2.
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape  # batch, time (tokens), channels (n_embd)
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        hs = C // self.n_head
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        # softmax(q k^T / sqrt(hs) + causal mask) v, by PyTorch's fused kernel (flash or
+        # memory-efficient where available): the (T, T) score matrix is never stored for backward.
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network: widen 4x, GELU, project back."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        # GPT-2 was trained with the tanh approximation of GELU; the exact erf form differs by
+        # up to 1e-3 per activation, enough to break parity with the released weights.
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """A transformer block, pre-LayerNorm: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    """GPT-2: embeddings, a stack of blocks, a final LayerNorm and a tied output head.
+
+    Parameter names follow Hugging Face's ``GPT2LMHeadModel`` (``transformer.h.0.attn.c_attn``...),
+    so that checkpoints map one to one; only the Conv1D weights there are stored transposed.
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
+                wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embedding
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying (Press & Wolf 2017), as GPT-2 does: the output head reuses the token
+        # embedding, saving vocab_size * n_embd parameters (38.6M of gpt2's 124M).
+        self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+        # GPT-2 paper, section 2.3: "scale the weights of residual layers at initialization by a
+        # factor of 1/sqrt(N) where N is the number of residual layers" (two per block).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        """Parameters counted once each (the tied head is the token embedding).
+
+        With ``non_embedding=True`` the position embedding is left out, the convention of the
+        scaling-law papers; the token embedding stays in because the head uses it.
+        """
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits for every position of ``idx`` (B, T), and the mean cross-entropy if
+        ``targets`` (B, T) are given; target -1 marks a position that is not scored."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
+        pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
+            )
+        return logits, loss
+
+    def crop_block_size(self, block_size: int) -> None:
+        """Shorten the context, keeping the first ``block_size`` position embeddings.
+
+        Used to fine-tune GPT-2 (trained at 1024) with a smaller context on small hardware.
+        """
+        if not 0 < block_size <= self.config.block_size:
+            raise ValueError(f"block_size must be in 1..{self.config.block_size}, got {block_size}")
+        self.config.block_size = block_size
+        wpe = self.transformer.wpe
+        wpe.weight = nn.Parameter(wpe.weight.data[:block_size].clone())
+        wpe.num_embeddings = block_size
+
+    def configure_optimizer(
+        self, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str
+    ) -> torch.optim.AdamW:
+        """AdamW with weight decay on matrices and embeddings only.
+
+        Biases and LayerNorm gains are 1-D; decaying them towards zero only hurts (they set
+        scales and offsets, not feature detectors), so every parameter of dim < 2 is exempt.
+        """
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        # The fused kernel does the whole update in one launch on CUDA; elsewhere foreach.
+        extra = {"fused": True} if device_type == "cuda" else {"foreach": True}
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)

@@ -1,0 +1,38 @@
+"""Shared test set-up: an asset cache copied from ../shared/data, so that no test downloads."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("GPT2_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def asset_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A writable copy of the shared assets, used as $GPT2_CACHE_DIR for the whole session."""
+    if not SHARED_DATA.is_dir():
+        pytest.exit(f"test assets not found at {SHARED_DATA}; set GPT2_SHARED_DATA", returncode=2)
+    cache = tmp_path_factory.mktemp("gpt2-cache")
+    shutil.copytree(SHARED_DATA, cache, dirs_exist_ok=True)
+    for p in cache.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    os.environ["GPT2_CACHE_DIR"] = str(cache)
+    return cache
+
+
+@pytest.fixture(autouse=True)
+def _fp32_and_threads():
+    """Tests run in fp32 with the default generator state reset, whatever ran before."""
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def shakespeare(asset_cache: Path) -> Path:
+    return asset_cache / "tinyshakespeare" / "input.txt"
