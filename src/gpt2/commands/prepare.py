@@ -22,7 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     source = args.input or fetch("tinyshakespeare/input.txt")
-    meta = prepare(source, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction)
+    meta = prepare(
+        source, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction, show_progress=not args.quiet
+    )
     log.info(
         "wrote %s: %d train and %d val tokens (%s, vocabulary %d, %s)",
         args.out, meta["train_tokens"], meta["val_tokens"], meta["tokenizer"], meta["vocab_size"], meta["dtype"],

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from gpt2.train import Trainer
 
     cfg, overrides = resolve_configs(args)
-    result = Trainer(cfg, overrides).run()
+    result = Trainer(cfg, overrides, show_progress=not args.quiet).run()
     log.info(
         "done: %d steps in %.1fs (%.1f ms/step, %.0f tokens/s); train loss %.4f, val loss %.4f",
         result.step, result.wall_s, result.ms_per_iter, result.tokens_per_s, result.train_loss, result.val_loss,
