@@ -41,7 +41,9 @@ def test_no_network_names_file_and_folder(tmp_path: Path, monkeypatch: pytest.Mo
     assert list(tmp_path.rglob("*.part")) == []
 
 
-def test_download_is_checked_then_renamed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shakespeare: Path) -> None:
+def test_download_is_checked_then_renamed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shakespeare: Path
+) -> None:
     monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path))
     body = shakespeare.read_bytes()
     monkeypatch.setattr(assets.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(body))
@@ -52,7 +54,9 @@ def test_download_is_checked_then_renamed(tmp_path: Path, monkeypatch: pytest.Mo
 
 def test_bad_download_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path))
-    monkeypatch.setattr(assets.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"tampered"))
+    monkeypatch.setattr(
+        assets.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"tampered")
+    )
     with pytest.raises(UserError, match="downloaded tinyshakespeare/input.txt has sha256"):
         assets.fetch(NAME)
     assert not (tmp_path / NAME).exists()

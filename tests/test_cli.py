@@ -18,7 +18,9 @@ TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 40
 def char_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cli")
     (root / "in.txt").write_text(TEXT, encoding="utf-8")
-    assert main(["-q", "prepare", "--input", str(root / "in.txt"), "--out", str(root / "data")]) == 0
+    assert (
+        main(["-q", "prepare", "--input", str(root / "in.txt"), "--out", str(root / "data")]) == 0
+    )
     return root / "data"
 
 
@@ -42,7 +44,9 @@ def losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in lines if '"loss"' in line]
 
 
-def test_train_writes_checkpoint_metrics_and_sample(trained: Path, capsys: pytest.CaptureFixture) -> None:
+def test_train_writes_checkpoint_metrics_and_sample(
+    trained: Path, capsys: pytest.CaptureFixture
+) -> None:
     ckpt = trained / "ckpt"
     for name in ("model.safetensors", "config.json", "tokenizer.json", "optimizer.pt"):
         assert (ckpt / name).is_file(), name
@@ -58,15 +62,38 @@ def test_same_seed_same_losses(char_data: Path, trained: Path, tmp_path: Path) -
 
 def test_toml_config_and_flags_win(char_data: Path, tmp_path: Path) -> None:
     cfg = tmp_path / "run.toml"
-    cfg.write_text('max_iters = 3\nbatch_size = 2\n[model]\nn_embd = 16\nn_head = 2\n')
-    assert main([*tiny_train_args(char_data, tmp_path / "run"), "--config", str(cfg), "--max-iters", "4"]) == 0
+    cfg.write_text("max_iters = 3\nbatch_size = 2\n[model]\nn_embd = 16\nn_head = 2\n")
+    assert (
+        main(
+            [
+                *tiny_train_args(char_data, tmp_path / "run"),
+                "--config",
+                str(cfg),
+                "--max-iters",
+                "4",
+            ]
+        )
+        == 0
+    )
     config = json.loads((tmp_path / "run" / "ckpt" / "config.json").read_text())
     assert config["train"]["max_iters"] == 4 and config["train"]["batch_size"] == 4
     assert config["model"]["n_embd"] == 16
 
 
-def test_sample_is_reproducible_and_keeps_prompt(trained: Path, capsys: pytest.CaptureFixture) -> None:
-    args = ["sample", "--checkpoint", str(trained), "--prompt", "First", "--max-new-tokens", "20", "--seed", "7"]
+def test_sample_is_reproducible_and_keeps_prompt(
+    trained: Path, capsys: pytest.CaptureFixture
+) -> None:
+    args = [
+        "sample",
+        "--checkpoint",
+        str(trained),
+        "--prompt",
+        "First",
+        "--max-new-tokens",
+        "20",
+        "--seed",
+        "7",
+    ]
     assert main(args) == 0
     first = capsys.readouterr().out
     assert main(args) == 0
@@ -76,7 +103,10 @@ def test_sample_is_reproducible_and_keeps_prompt(trained: Path, capsys: pytest.C
 
 def test_sample_crops_a_long_prompt(trained: Path, capsys: pytest.CaptureFixture) -> None:
     prompt = "hear me speak. " * 10  # 150 characters, context is 32
-    assert main(["sample", "--checkpoint", str(trained), "--prompt", prompt, "--max-new-tokens", "5"]) == 0
+    assert (
+        main(["sample", "--checkpoint", str(trained), "--prompt", prompt, "--max-new-tokens", "5"])
+        == 0
+    )
     assert capsys.readouterr().out.startswith(prompt)
 
 
@@ -93,22 +123,44 @@ def run_cli_error(argv: list[str], capsys: pytest.CaptureFixture) -> str:
     return err
 
 
-def test_bad_inputs(tmp_path: Path, char_data: Path, trained: Path, capsys: pytest.CaptureFixture) -> None:
+def test_bad_inputs(
+    tmp_path: Path, char_data: Path, trained: Path, capsys: pytest.CaptureFixture
+) -> None:
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     short = tmp_path / "short.txt"
-    short.write_text("abcdefghijklmnopqrstuvwxyz")  # 26 characters: 2 val tokens, fewer than a window
-    assert "input file not found" in run_cli_error(["prepare", "--input", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o")], capsys)
-    assert "input file is empty" in run_cli_error(["prepare", "--input", str(empty), "--out", str(tmp_path / "o")], capsys)
+    short.write_text(
+        "abcdefghijklmnopqrstuvwxyz"
+    )  # 26 characters: 2 val tokens, fewer than a window
+    assert "input file not found" in run_cli_error(
+        ["prepare", "--input", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o")], capsys
+    )
+    assert "input file is empty" in run_cli_error(
+        ["prepare", "--input", str(empty), "--out", str(tmp_path / "o")], capsys
+    )
     assert main(["-q", "prepare", "--input", str(short), "--out", str(tmp_path / "short")]) == 0
-    assert "fewer than one window" in run_cli_error(tiny_train_args(tmp_path / "short", tmp_path / "r1"), capsys)
-    assert "unknown model preset 'gpt5'" in run_cli_error(tiny_train_args(char_data, tmp_path / "r2", "--model", "gpt5"), capsys)
-    assert "divisible by n_head" in run_cli_error(tiny_train_args(char_data, tmp_path / "r3", "--n-embd", "30", "--n-head", "4"), capsys)
-    assert "learning_rate must be positive" in run_cli_error(tiny_train_args(char_data, tmp_path / "r4", "--learning-rate", "-1"), capsys)
+    assert "fewer than one window" in run_cli_error(
+        tiny_train_args(tmp_path / "short", tmp_path / "r1"), capsys
+    )
+    assert "unknown model preset 'gpt5'" in run_cli_error(
+        tiny_train_args(char_data, tmp_path / "r2", "--model", "gpt5"), capsys
+    )
+    assert "divisible by n_head" in run_cli_error(
+        tiny_train_args(char_data, tmp_path / "r3", "--n-embd", "30", "--n-head", "4"), capsys
+    )
+    assert "learning_rate must be positive" in run_cli_error(
+        tiny_train_args(char_data, tmp_path / "r4", "--learning-rate", "-1"), capsys
+    )
     assert "invalid int value" in run_cli_error(["train", "--max-iters", "many"], capsys)
-    assert "data folder not found" in run_cli_error(tiny_train_args(tmp_path / "missing", tmp_path / "r5"), capsys)
-    assert "checkpoint folder not found" in run_cli_error(["sample", "--checkpoint", str(tmp_path / "none")], capsys)
-    assert "outside this model's vocabulary: 'Z'" in run_cli_error(["sample", "--checkpoint", str(trained), "--prompt", "Zz"], capsys)
+    assert "data folder not found" in run_cli_error(
+        tiny_train_args(tmp_path / "missing", tmp_path / "r5"), capsys
+    )
+    assert "checkpoint folder not found" in run_cli_error(
+        ["sample", "--checkpoint", str(tmp_path / "none")], capsys
+    )
+    assert "outside this model's vocabulary: 'Z'" in run_cli_error(
+        ["sample", "--checkpoint", str(trained), "--prompt", "Zz"], capsys
+    )
 
 
 def test_corrupt_checkpoint(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -126,14 +178,22 @@ def test_corrupt_checkpoint(trained: Path, tmp_path: Path, capsys: pytest.Captur
 def test_bad_config_file(char_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     cfg = tmp_path / "bad.toml"
     cfg.write_text("max_iters = [")
-    assert "not valid TOML" in run_cli_error(tiny_train_args(char_data, tmp_path / "r", "--config", str(cfg)), capsys)
+    assert "not valid TOML" in run_cli_error(
+        tiny_train_args(char_data, tmp_path / "r", "--config", str(cfg)), capsys
+    )
     cfg.write_text("max_itres = 3")
-    assert "unknown field(s) max_itres" in run_cli_error(tiny_train_args(char_data, tmp_path / "r", "--config", str(cfg)), capsys)
+    assert "unknown field(s) max_itres" in run_cli_error(
+        tiny_train_args(char_data, tmp_path / "r", "--config", str(cfg)), capsys
+    )
 
 
-def test_prepare_failure_keeps_earlier_output(char_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_prepare_failure_keeps_earlier_output(
+    char_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     before = {p.name: p.read_bytes() for p in char_data.iterdir()}
-    run_cli_error(["prepare", "--input", str(tmp_path / "missing.txt"), "--out", str(char_data)], capsys)
+    run_cli_error(
+        ["prepare", "--input", str(tmp_path / "missing.txt"), "--out", str(char_data)], capsys
+    )
     assert {p.name: p.read_bytes() for p in char_data.iterdir()} == before
 
 
@@ -143,4 +203,6 @@ def test_real_process_exit_code_and_single_line(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"gpt2 prepare: error: input file not found: {tmp_path / 'x.txt'}"]
+    assert proc.stderr.strip().splitlines() == [
+        f"gpt2 prepare: error: input file not found: {tmp_path / 'x.txt'}"
+    ]

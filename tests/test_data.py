@@ -23,7 +23,10 @@ def test_prepare_char_writes_splits_meta_and_tokenizer(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "out" / "meta.json").read_text()) == meta
     train = np.fromfile(tmp_path / "out" / "train.bin", dtype=np.uint16)
     assert train[:10].tolist() == list(range(10))
-    assert load_tokenizer(tmp_path / "out").decode(load_split(tmp_path / "out", "val").tolist()) == "abcdefghij"
+    assert (
+        load_tokenizer(tmp_path / "out").decode(load_split(tmp_path / "out", "val").tolist())
+        == "abcdefghij"
+    )
 
 
 def test_prepare_gpt2_tinyshakespeare_keeps_every_token(shakespeare: Path, tmp_path: Path) -> None:

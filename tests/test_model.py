@@ -39,7 +39,9 @@ def test_residual_projections_use_scaled_init() -> None:
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=8, n_head=4, n_embd=256))
     expected = 0.02 / math.sqrt(2 * 8)
-    assert model.transformer.h[0].attn.c_proj.weight.std().item() == pytest.approx(expected, rel=0.05)
+    assert model.transformer.h[0].attn.c_proj.weight.std().item() == pytest.approx(
+        expected, rel=0.05
+    )
     assert model.transformer.h[0].mlp.c_fc.weight.std().item() == pytest.approx(0.02, rel=0.05)
 
 

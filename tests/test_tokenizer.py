@@ -49,7 +49,10 @@ def test_gpt2_matches_tiktoken_reference() -> None:
     ranks = load_tiktoken_bpe(str(fetch("gpt2-tokenizer/gpt2.tiktoken")))
     tok = GPT2Tokenizer()
     reference = tiktoken.Encoding(
-        "r50k", pat_str=tok.enc._pat_str, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 50256}
+        "r50k",
+        pat_str=tok.enc._pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": 50256},
     )
     text = "Héllo, wörld! 你好 🙂 it's 12345   \n\n\tdone"
     assert tok.encode(text) == reference.encode(text)

@@ -44,7 +44,9 @@ def build_parser() -> ArgumentParser:
         prog="gpt2",
         description="GPT-2 from scratch: prepare data, train, sample, evaluate, export, serve.",
     )
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars; only warnings and errors")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bars; only warnings and errors"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)

@@ -33,7 +33,9 @@ def _help(text: str, **kw: Any) -> Any:
 class GPTConfig:
     """The shape of a GPT-2 model."""
 
-    block_size: int = _help("context length in tokens (the number of position embeddings)", default=1024)
+    block_size: int = _help(
+        "context length in tokens (the number of position embeddings)", default=1024
+    )
     vocab_size: int = _help(
         "number of token embeddings; GPT-2's is 50257 (50,000 merges + 256 bytes + <|endoftext|>)",
         default=50257,
@@ -41,7 +43,9 @@ class GPTConfig:
     n_layer: int = _help("number of transformer blocks", default=12)
     n_head: int = _help("attention heads per block; must divide n_embd", default=12)
     n_embd: int = _help("width of the residual stream", default=768)
-    dropout: float = _help("dropout probability (0 for pre-training small models and for GPT-2)", default=0.0)
+    dropout: float = _help(
+        "dropout probability (0 for pre-training small models and for GPT-2)", default=0.0
+    )
     bias: bool = _help("biases in Linear and LayerNorm layers, as GPT-2 has", default=True)
 
     def __post_init__(self) -> None:
@@ -103,17 +107,24 @@ class TrainConfig:
     data: str = _help(
         "prepared data folder (from `gpt2 prepare`); empty: TinyShakespeare, characters", default=""
     )
-    out_dir: str = _help("folder for the checkpoint, the metrics log and the samples", default="out/shakespeare-char")
-    model: str = _help("model preset (see `gpt2 presets`); vocab size comes from the data", default="char-small")
+    out_dir: str = _help(
+        "folder for the checkpoint, the metrics log and the samples", default="out/shakespeare-char"
+    )
+    model: str = _help(
+        "model preset (see `gpt2 presets`); vocab size comes from the data", default="char-small"
+    )
     init_from: str = _help(
-        "start from these weights: a checkpoint folder or a Hugging Face GPT-2 name/folder", default=""
+        "start from these weights: a checkpoint folder or a Hugging Face GPT-2 name/folder",
+        default="",
     )
     max_iters: int = _help("optimiser steps to run", default=2000)
     batch_size: int = _help("sequences per step", default=12)
     learning_rate: float = _help("peak learning rate, reached after the warm-up", default=1e-3)
     min_lr: float = _help("learning rate at the end of the cosine decay", default=1e-4)
     warmup_iters: int = _help("steps of linear warm-up from 0 to learning_rate", default=100)
-    lr_decay_iters: int = _help("step at which the cosine decay reaches min_lr (0: max_iters)", default=0)
+    lr_decay_iters: int = _help(
+        "step at which the cosine decay reaches min_lr (0: max_iters)", default=0
+    )
     weight_decay: float = _help("AdamW weight decay, applied to 2-D weights only", default=0.1)
     beta1: float = _help("AdamW beta1", default=0.9)
     beta2: float = _help("AdamW beta2 (0.99 suits small batches)", default=0.99)
@@ -123,7 +134,9 @@ class TrainConfig:
     log_interval: int = _help("write a metrics line every this many steps", default=10)
     sample_tokens: int = _help("tokens to sample at the end of training (0: none)", default=300)
     seed: int = _help("random seed for initialisation, batch order and dropout", default=1337)
-    device: str = _help("auto, cpu, cuda, cuda:N or mps; auto picks CUDA, then MPS, then the CPU", default="auto")
+    device: str = _help(
+        "auto, cpu, cuda, cuda:N or mps; auto picks CUDA, then MPS, then the CPU", default="auto"
+    )
     num_threads: int = _help("CPU threads for torch (0: torch's default)", default=0)
 
     def __post_init__(self) -> None:
@@ -133,17 +146,25 @@ class TrainConfig:
         positive = ("max_iters", "batch_size", "eval_interval", "eval_iters", "log_interval")
         for name in positive:
             if getattr(self, name) < 1:
-                raise UserError(f"train config: {name} must be at least 1, got {getattr(self, name)}")
+                raise UserError(
+                    f"train config: {name} must be at least 1, got {getattr(self, name)}"
+                )
         for name in ("warmup_iters", "lr_decay_iters", "sample_tokens", "num_threads"):
             if getattr(self, name) < 0:
-                raise UserError(f"train config: {name} must not be negative, got {getattr(self, name)}")
+                raise UserError(
+                    f"train config: {name} must not be negative, got {getattr(self, name)}"
+                )
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise UserError(f"train config: learning_rate must be positive, got {self.learning_rate}")
+            raise UserError(
+                f"train config: learning_rate must be positive, got {self.learning_rate}"
+            )
         if not 0 <= self.min_lr <= self.learning_rate:
             raise UserError("train config: min_lr must be between 0 and learning_rate")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
-                raise UserError(f"train config: {name} must be in [0, 1), got {getattr(self, name)}")
+                raise UserError(
+                    f"train config: {name} must be in [0, 1), got {getattr(self, name)}"
+                )
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise UserError("train config: weight_decay and grad_clip must not be negative")
         if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda", "mps"):

@@ -108,7 +108,11 @@ def bytes_to_unicode() -> dict[int, str]:
     BPE files store tokens as text; bytes that are not printable (controls, space) are moved to
     code points from 256 upwards so that every token is a visible string with no white space.
     """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     mapping = {b: chr(b) for b in printable}
     n = 0
     for b in range(256):
@@ -226,4 +230,6 @@ def get_tokenizer(name: str, text: str | None = None) -> Tokenizer:
         return GPT2Tokenizer()
     if Path(name).is_dir():
         return load_tokenizer(name)
-    raise UserError(f"unknown tokenizer {name!r}: use char, gpt2, or a folder with {TOKENIZER_FILE}")
+    raise UserError(
+        f"unknown tokenizer {name!r}: use char, gpt2, or a folder with {TOKENIZER_FILE}"
+    )

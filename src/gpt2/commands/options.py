@@ -26,9 +26,13 @@ def add_dataclass_flags(
         help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
         dest = f"{FLAG_DEST_PREFIX}{cls.__name__}__{f.name}"
         if kind is bool:
-            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            group.add_argument(
+                flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
         else:
-            group.add_argument(flag, dest=dest, type=kind, default=None, help=help_text, metavar=f.name.upper())
+            group.add_argument(
+                flag, dest=dest, type=kind, default=None, help=help_text, metavar=f.name.upper()
+            )
 
 
 def given_flags(args: argparse.Namespace, cls: type) -> dict[str, Any]:

@@ -12,16 +12,25 @@ from gpt2.model import GPT
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("presets", help="list the model presets and their parameter counts")
-    p.add_argument("--vocab-size", type=int, default=None, help="count with this vocabulary (default: the preset's, else 65)")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="count with this vocabulary (default: the preset's, else 65)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    print(f"{'preset':<12} {'layers':>6} {'heads':>5} {'width':>5} {'context':>7} {'vocab':>6} {'parameters':>14}")
+    print(
+        f"{'preset':<12} {'layers':>6} {'heads':>5} {'width':>5} {'context':>7} {'vocab':>6} {'parameters':>14}"
+    )
     for name, values in MODEL_PRESETS.items():
         vocab = args.vocab_size or values.get("vocab_size", 65)
         config = GPTConfig.preset(name, vocab_size=vocab)
         with torch.device("meta"):  # shapes only: no memory is allocated
             n = GPT(config).num_parameters()
-        print(f"{name:<12} {config.n_layer:>6} {config.n_head:>5} {config.n_embd:>5} {config.block_size:>7} {vocab:>6} {n:>14,}")
+        print(
+            f"{name:<12} {config.n_layer:>6} {config.n_head:>5} {config.n_embd:>5} {config.block_size:>7} {vocab:>6} {n:>14,}"
+        )
     return 0
