@@ -9,7 +9,6 @@ export GPT2_CACHE_DIR ?= $(HOME)/.cache/gpt2
 
 install:  ## a virtual environment with torch 2.13.0 (CPU) and the package, editable, with test extras
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[test,dev]"
 
