@@ -7,6 +7,7 @@ model is never paired with the wrong vocabulary.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from abc import ABC, abstractmethod
@@ -200,8 +201,14 @@ TOKENIZER_TYPES: dict[str, Callable[[dict[str, Any]], Tokenizer]] = {
 }
 
 
+# type name -> the module that registers it on import (loaded only when such a file is read).
+TOKENIZER_MODULES = {"bpe": "gpt2.bpe"}
+
+
 def tokenizer_from_dict(data: dict[str, Any]) -> Tokenizer:
     kind = data.get("type")
+    if kind not in TOKENIZER_TYPES and kind in TOKENIZER_MODULES:
+        importlib.import_module(TOKENIZER_MODULES[kind])
     if kind not in TOKENIZER_TYPES:
         raise UserError(f"unknown tokenizer type {kind!r}; known: {', '.join(TOKENIZER_TYPES)}")
     return TOKENIZER_TYPES[kind](data)
