@@ -26,9 +26,14 @@ def asset_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cache
 
 
+# Tests use tiny models, where a second thread only adds synchronisation; on a loaded machine
+# OpenMP's spin-waiting made a 2-thread run 20x slower than one thread. Benchmarks use all cores.
+torch.set_num_threads(int(os.environ.get("GPT2_TEST_THREADS", "1")))
+
+
 @pytest.fixture(autouse=True)
-def _fp32_and_threads():
-    """Tests run in fp32 with the default generator state reset, whatever ran before."""
+def _seeded():
+    """Each test starts from the same default generator state, whatever ran before."""
     torch.manual_seed(0)
     yield
 
