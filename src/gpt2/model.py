@@ -184,3 +184,17 @@ class GPT(nn.Module):
         # The fused kernel does the whole update in one launch on CUDA; elsewhere foreach.
         extra = {"fused": True} if device_type == "cuda" else {"foreach": True}
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, device: str | torch.device = "cpu") -> GPT:
+        """GPT-2 weights from a Hugging Face folder or Hub name (``gpt2``, ``gpt2-xl``, ``org/name``),
+        or one of our checkpoints; `gpt2.hf.load_pretrained` also returns the tokenizer."""
+        from gpt2.hf import from_pretrained  # imported here: gpt2.hf imports this module
+
+        return from_pretrained(name_or_path, device)
+
+    def save_pretrained(self, folder: str, tokenizer=None) -> None:  # tokenizer: gpt2.tokenizer.Tokenizer
+        """Write this model (and ``tokenizer``, if given) as a Hugging Face GPT-2 folder."""
+        from gpt2.hf import save_pretrained
+
+        save_pretrained(self, folder, tokenizer)

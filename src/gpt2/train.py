@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gpt2.assets import fetch
-from gpt2.checkpoint import CHECKPOINT_SUBDIR, load_checkpoint, save_checkpoint
+from gpt2.checkpoint import CHECKPOINT_SUBDIR, save_checkpoint
 from gpt2.config import GPTConfig, TrainConfig
 from gpt2.data import TokenWindows, fixed_batches, infinite_batches, load_split, make_loader, prepare, read_meta
 from gpt2.errors import UserError
@@ -127,13 +127,11 @@ class Trainer:
 
     def _pretrained_model(self, overrides: dict[str, Any]) -> GPT:
         source = self.cfg.init_from
-        if Path(source, "config.json").is_file() and Path(source, "tokenizer.json").is_file():
-            ckpt = load_checkpoint(source)
-            model, tokenizer = ckpt.model, ckpt.tokenizer
-        else:
-            from gpt2.hf import load_pretrained  # the Hugging Face interop module
+        # One of our checkpoints, a Hugging Face folder or a Hub name: gpt2.hf tells them apart
+        # (both kinds of folder hold a config.json and may hold a tokenizer.json).
+        from gpt2.hf import load_pretrained
 
-            model, tokenizer = load_pretrained(source)
+        model, tokenizer = load_pretrained(source)
         if tokenizer.to_dict() != self.tokenizer.to_dict():
             raise UserError(
                 f"{source} uses a {tokenizer.kind} tokenizer but the data was prepared with "

@@ -1,0 +1,754 @@
+"""Hugging Face interop: load GPT-2 checkpoints written by ``transformers``, and write ours back.
+
+A Hugging Face GPT-2 folder holds
+
+    config.json                    ``GPT2Config``: model_type "gpt2", n_layer, n_head, n_embd, ...
+    model.safetensors              the weights (or sharded: model.safetensors.index.json + shards,
+                                   or the older pickled pytorch_model.bin)
+    vocab.json + merges.txt        the byte-level BPE (or tokenizer.json, the `tokenizers` format)
+    generation_config.json         end-of-text id and other decoding defaults
+
+Our parameter names are those of ``GPT2LMHeadModel`` (``transformer.h.0.attn.c_attn.weight``...),
+so the mapping is one to one except that Hugging Face stores the four projection matrices of each
+block as ``Conv1D`` weights, shaped (in, out), where ``nn.Linear`` holds (out, in): those are
+transposed. Older files carry the attention mask as ``attn.bias``/``attn.masked_bias`` buffers;
+they are constants, so they are dropped. Anything this architecture cannot express (another model
+type, layer-wise attention scaling, an untied output head, ...) is refused, never loaded wrongly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpt2.config import GPTConfig
+from gpt2.errors import UserError
+from gpt2.model import GPT
+from gpt2.tokenizer import (
+    EOT_TEXT,
+    TOKENIZER_FILE,
+    CharTokenizer,
+    GPT2Tokenizer,
+    Tokenizer,
+    tokenizer_from_dict,
+)
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_FILE = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+VOCAB_FILE = "vocab.json"
+MERGES_FILE = "merges.txt"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+# Tokenizer files that Hugging Face reads; an export removes the ones it does not write, so that a
+# stale file from an earlier export never shadows the tokenizer written now.
+HF_TOKENIZER_FILES = (
+    TOKENIZER_FILE,
+    VOCAB_FILE,
+    MERGES_FILE,
+    TOKENIZER_CONFIG_FILE,
+    "special_tokens_map.json",
+)
+
+# The short names OpenAI's models are known by, and where the Hub keeps them today.
+HUB_ALIASES = {
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+}
+HUB_PATTERNS = (
+    CONFIG_FILE,
+    GENERATION_CONFIG_FILE,
+    SAFETENSORS_FILE,
+    SAFETENSORS_INDEX,
+    "model-*-of-*.safetensors",
+    VOCAB_FILE,
+    MERGES_FILE,
+    TOKENIZER_CONFIG_FILE,
+)
+HUB_PICKLE_PATTERNS = (PICKLE_FILE, PICKLE_INDEX, "pytorch_model-*-of-*.bin")
+HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+# Hugging Face's GPT-2 keeps these projections as Conv1D, whose weight is (in, out).
+CONV1D_WEIGHTS = (
+    "attn.c_attn.weight",
+    "attn.c_proj.weight",
+    "mlp.c_fc.weight",
+    "mlp.c_proj.weight",
+)
+# Causal-mask buffers of older files: constants, not parameters.
+MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")  # the dot: not c_attn.bias
+PREFIX = "transformer."
+HEAD_KEY = "lm_head.weight"
+# Names transformers gives the tanh approximation of GELU, the activation this model computes.
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, and GPT-2's
+GPT2_VOCAB_SIZE = 50257
+# GPT2Config's defaults, used for fields a config.json leaves out.
+HF_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 50257,
+    "n_positions": 1024,
+    "n_embd": 768,
+    "n_layer": 12,
+    "n_head": 12,
+    "n_inner": None,
+    "activation_function": "gelu_new",
+    "layer_norm_epsilon": LAYER_NORM_EPS,
+    "scale_attn_weights": True,
+    "scale_attn_by_inverse_layer_idx": False,
+    "reorder_and_upcast_attn": False,
+    "add_cross_attention": False,
+    "tie_word_embeddings": True,
+}
+
+
+# --- the public interface -------------------------------------------------------------------
+
+
+def load_pretrained(
+    source: str | Path, device: str | torch.device = "cpu"
+) -> tuple[GPT, Tokenizer]:
+    """The model and tokenizer from ``source``: a Hugging Face GPT-2 folder, a Hub name (``gpt2``,
+    ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``, ``org/name``), or one of our own checkpoints."""
+    from gpt2.checkpoint import load_checkpoint
+
+    own = own_checkpoint_dir(source)
+    if own is not None:
+        ckpt = load_checkpoint(own, device)
+        return ckpt.model, ckpt.tokenizer
+    folder = resolve_source(source)
+    model = _load_hf_model(folder)
+    tokenizer = load_hf_tokenizer(folder, model.config.vocab_size)
+    return model.to(device), tokenizer
+
+
+def from_pretrained(source: str | Path, device: str | torch.device = "cpu") -> GPT:
+    """The model alone (`GPT.from_pretrained`): a folder without tokenizer files is fine here."""
+    from gpt2.checkpoint import load_checkpoint
+
+    own = own_checkpoint_dir(source)
+    if own is not None:
+        return load_checkpoint(own, device).model
+    return _load_hf_model(resolve_source(source)).to(device)
+
+
+def _load_hf_model(folder: Path) -> GPT:
+    data = read_hf_config(folder)
+    config = config_from_hf(data, str(folder / CONFIG_FILE))
+    tied = data.get("tie_word_embeddings", True) is not False
+    state = state_dict_from_hf(read_hf_weights(folder), config, str(folder), head_required=not tied)
+    return build_model(config, state)
+
+
+def save_pretrained(model: GPT, folder: str | Path, tokenizer: Tokenizer | None = None) -> Path:
+    """Write ``model`` (and ``tokenizer``, when given) into ``folder`` in Hugging Face's layout.
+
+    Each file is written atomically. ``transformers.AutoModelForCausalLM.from_pretrained(folder)``
+    then loads every weight, with none missing or unexpected. Without a tokenizer only the model
+    files are written, as ``transformers``' own ``save_pretrained`` does.
+    """
+    folder = Path(folder)
+    if own_checkpoint_dir(folder) == folder:
+        raise UserError(f"{folder} holds a gpt2 checkpoint; export to another folder")
+    if tokenizer is not None:
+        _check_exportable(tokenizer)
+        _check_vocab_fits(tokenizer, model.config.vocab_size, str(folder))
+    folder.mkdir(parents=True, exist_ok=True)
+    eot = tokenizer.eot_token if tokenizer is not None else None
+    if eot is not None and eot >= model.config.vocab_size:
+        eot = None
+    _save_safetensors(hf_state_dict(model), folder / SAFETENSORS_FILE)
+    _write_json(folder / CONFIG_FILE, hf_config(model.config, eot))
+    _write_json(folder / GENERATION_CONFIG_FILE, {"bos_token_id": eot, "eos_token_id": eot})
+    if tokenizer is not None:
+        save_hf_tokenizer(tokenizer, folder, model.config.block_size)
+    return folder
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, force: bool = False) -> Path:
+    """``gpt2 export``: one of our checkpoints (or run folders) to a Hugging Face folder."""
+    from gpt2.checkpoint import load_checkpoint
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"--out {out} exists and is not empty; pass --force to write into it")
+    ckpt = load_checkpoint(checkpoint)
+    return save_pretrained(ckpt.model, out, ckpt.tokenizer)
+
+
+# --- where the files are --------------------------------------------------------------------
+
+
+def own_checkpoint_dir(source: str | Path) -> Path | None:
+    """The folder of one of our checkpoints at ``source`` (or a run folder's newest), else None.
+
+    Ours and Hugging Face's both call their config ``config.json``; ours has ``format`` and
+    ``model`` keys, theirs a ``model_type``.
+    """
+    from gpt2.checkpoint import resolve_checkpoint_dir
+
+    if not Path(source).is_dir():
+        return None
+    try:
+        folder = resolve_checkpoint_dir(source)
+    except UserError:  # no config.json anywhere: not ours
+        return None
+    data = _read_json(folder / CONFIG_FILE)
+    return folder if isinstance(data, dict) and "format" in data and "model" in data else None
+
+
+def resolve_source(source: str | Path) -> Path:
+    """A local folder as it is; a Hub name downloaded (or found in the Hub cache)."""
+    path = Path(source)
+    if path.is_dir():
+        if not (path / CONFIG_FILE).is_file():
+            raise UserError(f"{path} has no {CONFIG_FILE}; it is not a Hugging Face model folder")
+        return path
+    if path.exists():
+        raise UserError(
+            f"{path} is a file; pass the folder that holds {CONFIG_FILE} and the weights"
+        )
+    name = str(source)
+    if name in HUB_ALIASES or HUB_REPO_ID.match(name):
+        return download_from_hub(HUB_ALIASES.get(name, name))
+    raise UserError(
+        f"{name!r} is neither a folder nor a Hugging Face name (gpt2, gpt2-medium, gpt2-large, "
+        "gpt2-xl or org/name)"
+    )
+
+
+def download_from_hub(repo_id: str) -> Path:
+    """The local snapshot of ``repo_id``: config, weights (safetensors, else pickle) and tokenizer."""
+    manual = (
+        f"download config.json, model.safetensors, vocab.json and merges.txt from "
+        f"https://huggingface.co/{repo_id} into a folder and pass its path"
+    )
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise UserError(
+            f"{repo_id!r} is not a local folder, and downloading it from the Hugging Face Hub "
+            f"needs huggingface_hub (pip install 'gpt2[hub]'); or {manual}"
+        ) from None
+    try:
+        folder = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=list(HUB_PATTERNS)))
+        if not _has_safetensors(folder):
+            patterns = [CONFIG_FILE, *HUB_PICKLE_PATTERNS]
+            folder = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:  # offline, no such repository, gated, HTTP errors: the same advice
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        raise UserError(
+            f"{repo_id!r} is not a local folder and could not be downloaded from the Hugging Face "
+            f"Hub ({reason}); {manual}"
+        ) from None
+    return folder
+
+
+# --- the config -----------------------------------------------------------------------------
+
+
+def read_hf_config(folder: Path) -> dict[str, Any]:
+    """The JSON object in ``folder/config.json``."""
+    data = _read_json(folder / CONFIG_FILE)
+    if not isinstance(data, dict):
+        raise UserError(f"{folder / CONFIG_FILE} is not a JSON object")
+    return data
+
+
+def config_from_hf(data: dict[str, Any], where: str = CONFIG_FILE) -> GPTConfig:
+    """Map a ``GPT2Config`` dict to a `GPTConfig`; a `UserError` names the first setting that
+    this architecture cannot express."""
+    _check_model_type(data, where)
+    hf = {**HF_DEFAULTS, **data}
+    hf["n_positions"] = data.get("n_positions", data.get("n_ctx", HF_DEFAULTS["n_positions"]))
+    refuse = f"{where}: this GPT-2 cannot compute"
+    if hf["activation_function"] not in TANH_GELUS:
+        raise UserError(
+            f"{refuse} activation_function {hf['activation_function']!r} (it uses the tanh "
+            f"GELU: {', '.join(TANH_GELUS)})"
+        )
+    for flag, wanted in (
+        ("scale_attn_by_inverse_layer_idx", False),
+        ("reorder_and_upcast_attn", False),
+        ("add_cross_attention", False),
+        ("scale_attn_weights", True),
+    ):
+        if bool(hf[flag]) != wanted:
+            raise UserError(f"{refuse} {flag}={json.dumps(hf[flag])} (only {json.dumps(wanted)})")
+    n_embd = hf["n_embd"]
+    if hf["n_inner"] is not None and hf["n_inner"] != 4 * n_embd:
+        raise UserError(
+            f"{refuse} n_inner={hf['n_inner']} (the MLP is 4 * n_embd = {4 * n_embd} wide)"
+        )
+    eps = hf["layer_norm_epsilon"]
+    if not isinstance(eps, (int, float)) or not math.isclose(eps, LAYER_NORM_EPS, rel_tol=1e-6):
+        raise UserError(f"{refuse} layer_norm_epsilon={eps} (only {LAYER_NORM_EPS})")
+    try:
+        # Dropout is a training choice, not part of the weights: 0 here, `gpt2 train --dropout`.
+        return GPTConfig(
+            block_size=hf["n_positions"],
+            vocab_size=hf["vocab_size"],
+            n_layer=hf["n_layer"],
+            n_head=hf["n_head"],
+            n_embd=n_embd,
+            dropout=0.0,
+            bias=True,
+        )
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+
+
+def _check_model_type(data: dict[str, Any], where: str) -> None:
+    model_type = data.get("model_type")
+    if model_type == "gpt2":
+        return
+    if model_type is None:  # the oldest files name only their class
+        architectures = data.get("architectures") or []
+        if architectures and all(str(a).startswith("GPT2") for a in architectures):
+            return
+        raise UserError(
+            f"{where} has no model_type; only GPT-2 checkpoints (model_type 'gpt2') load here"
+        )
+    raise UserError(
+        f"{where} is a {model_type!r} model; only GPT-2 checkpoints (model_type 'gpt2') load here"
+    )
+
+
+def hf_config(config: GPTConfig, eot: int | None) -> dict[str, Any]:
+    """The ``config.json`` of ``GPT2LMHeadModel`` for a model of shape ``config``."""
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",  # GPT-2's own name for the tanh GELU
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "layer_norm_epsilon": LAYER_NORM_EPS,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
+        "dtype": "float32",
+    }
+
+
+# --- the weights ----------------------------------------------------------------------------
+
+
+def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor in ``folder``'s weight files, by name as stored."""
+    if (folder / SAFETENSORS_FILE).is_file():
+        return _read_safetensors(folder / SAFETENSORS_FILE)
+    if (folder / SAFETENSORS_INDEX).is_file():
+        return _read_shards(folder, SAFETENSORS_INDEX, _read_safetensors)
+    if (folder / PICKLE_FILE).is_file():
+        return _read_pickle(folder / PICKLE_FILE)
+    if (folder / PICKLE_INDEX).is_file():
+        return _read_shards(folder, PICKLE_INDEX, _read_pickle)
+    raise UserError(
+        f"{folder} has no weights: expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX} or {PICKLE_FILE}"
+    )
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path} is not a readable safetensors file: {e}") from None
+
+
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """A ``torch.save`` state dict, unpickling nothing but tensors and plain containers."""
+    import pickle
+
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"{path} cannot be loaded as plain tensors (weights_only=True): {first}"
+        ) from None
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise UserError(f"{path} is not a state dict of tensors")
+    return data
+
+
+def _read_shards(folder: Path, index_name: str, read: Any) -> dict[str, torch.Tensor]:
+    index = _read_json(folder / index_name)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise UserError(f"{folder / index_name} has no weight_map")
+    weights: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        path = folder / shard
+        if not path.is_file():
+            raise UserError(f"{folder / index_name} lists {shard}, which is not in {folder}")
+        weights.update(read(path))
+    missing = sorted(set(weight_map) - set(weights))
+    if missing:
+        raise UserError(
+            f"{folder / index_name} maps {missing[0]} to {weight_map[missing[0]]}, which lacks it"
+        )
+    return weights
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One parameter of ours and the tensor that feeds it in a Hugging Face file."""
+
+    ours: str  # e.g. transformer.h.0.attn.c_attn.weight
+    hf: str  # e.g. h.0.attn.c_attn.weight (no "transformer." prefix)
+    hf_shape: tuple[int, ...]
+    transpose: bool  # a Conv1D weight, (in, out) there, (out, in) here
+
+
+def slots(config: GPTConfig) -> Iterator[Slot]:
+    """Every parameter of a model of shape ``config``, in the model's order, the tied head
+    excepted (it is the token embedding). Derived from the model itself on the meta device, so
+    no memory is used and the list can never drift from the code."""
+    with torch.device("meta"):
+        model = GPT(config)
+    for name, p in model.named_parameters():  # a tied tensor is listed once, as the embedding
+        transpose = name.endswith(CONV1D_WEIGHTS)
+        shape = tuple(p.shape[::-1]) if transpose else tuple(p.shape)
+        yield Slot(name, name.removeprefix(PREFIX), shape, transpose)
+
+
+def state_dict_from_hf(
+    weights: dict[str, torch.Tensor], config: GPTConfig, where: str, head_required: bool = False
+) -> dict[str, torch.Tensor]:
+    """Our state dict (fp32, ``nn.Linear`` layout) from a Hugging Face file's tensors.
+
+    Raises `UserError` naming the first tensor that is missing or misshapen, the first that
+    this model has no place for, or an output head that is not the token embedding. The head
+    may be left out (the embedding stands for it) unless the config unties it
+    (``head_required``)."""
+    hf = {
+        name.removeprefix(PREFIX): t
+        for name, t in weights.items()
+        if not name.endswith(MASK_BUFFERS)
+    }
+    head = hf.pop(HEAD_KEY, None)
+    state: dict[str, torch.Tensor] = {}
+    for slot in slots(config):
+        tensor = hf.pop(slot.hf, None)
+        if tensor is None:
+            raise UserError(
+                f"{where}: missing tensor {slot.hf} (expected shape {list(slot.hf_shape)})"
+            )
+        if tuple(tensor.shape) != slot.hf_shape:
+            raise UserError(
+                f"{where}: tensor {slot.hf} has shape {list(tensor.shape)}, expected "
+                f"{list(slot.hf_shape)} from the config"
+            )
+        tensor = tensor.t() if slot.transpose else tensor
+        state[slot.ours] = tensor.to(torch.float32).contiguous()
+    if hf:
+        raise UserError(
+            f"{where}: unexpected tensor {sorted(hf)[0]} (GPT-2's language model has no such weight)"
+        )
+    wte = state[f"{PREFIX}wte.weight"]
+    if head is None and head_required:
+        raise UserError(f"{where}: missing tensor {HEAD_KEY} (the config unties it from wte)")
+    if head is not None and not torch.equal(head.to(torch.float32), wte):
+        raise UserError(
+            f"{where}: {HEAD_KEY} differs from the token embedding; this GPT-2 ties its output "
+            "head to wte and cannot hold a separate one"
+        )
+    return state
+
+
+def build_model(config: GPTConfig, state: dict[str, torch.Tensor]) -> GPT:
+    """A `GPT` holding ``state``, built without a random initialisation to throw away (that
+    alone takes seconds for gpt2-xl)."""
+    with torch.device("meta"):
+        model = GPT(config)
+    if any(True for _ in model.buffers()):
+        # A buffer's value comes from __init__, which ran on the meta device: build for real.
+        model = GPT(config)
+        model.load_state_dict(state, strict=False)
+        return model
+    model.load_state_dict(state, strict=False, assign=True)
+    model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced wte's tensor
+    return model
+
+
+def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """Our weights under Hugging Face's names and Conv1D layout, on the CPU, contiguous.
+
+    A model without biases (``bias=False``) gets zero biases: the same function, in the only
+    form GPT-2's config can describe."""
+    params = dict(model.named_parameters())
+    full = GPTConfig(**{**model.config.to_dict(), "bias": True})
+    out: dict[str, torch.Tensor] = {}
+    for slot in slots(full):
+        p = params.get(slot.ours)
+        if p is None:  # a bias this model was built without
+            tensor = torch.zeros(slot.hf_shape, dtype=torch.float32)
+        else:
+            tensor = p.detach().to("cpu", torch.float32)
+            tensor = tensor.t() if slot.transpose else tensor
+        out[PREFIX + slot.hf] = tensor.contiguous()
+    return out
+
+
+# --- the tokenizer --------------------------------------------------------------------------
+
+
+def load_hf_tokenizer(folder: Path, vocab_size: int) -> Tokenizer:
+    """The tokenizer of a Hugging Face folder: ``vocab.json`` + ``merges.txt``, else
+    ``tokenizer.json``, else GPT-2's."""
+    tokenizer = _tokenizer_in(folder, vocab_size)
+    _check_vocab_fits(tokenizer, vocab_size, str(folder))
+    return tokenizer
+
+
+def _tokenizer_in(folder: Path, vocab_size: int) -> Tokenizer:
+    vocab_path, merges_path = folder / VOCAB_FILE, folder / MERGES_FILE
+    if vocab_path.is_file() and merges_path.is_file():
+        vocab = _read_json(vocab_path)
+        merges = _merges_from_lines(merges_path.read_text(encoding="utf-8").splitlines())
+        return _bpe_tokenizer(vocab, merges, folder, (vocab_path, merges_path))
+    path = folder / TOKENIZER_FILE
+    if path.is_file():
+        data = _read_json(path)
+        if isinstance(data, dict) and "type" in data:  # our own format, copied alongside
+            return tokenizer_from_dict(data)
+        return _tokenizer_from_hf_json(data, path)
+    if vocab_size < GPT2_VOCAB_SIZE:
+        raise UserError(
+            f"{folder} has no tokenizer files ({VOCAB_FILE} + {MERGES_FILE}, or {TOKENIZER_FILE}), "
+            f"and GPT-2's {GPT2_VOCAB_SIZE} ids do not fit the model's {vocab_size} embeddings"
+        )
+    log.info("%s has no tokenizer files; using GPT-2's", folder)
+    return GPT2Tokenizer()
+
+
+def _tokenizer_from_hf_json(data: Any, path: Path) -> Tokenizer:
+    """A `tokenizers` ``tokenizer.json``: GPT-2-style byte-level BPE, or a character vocabulary
+    (what `save_hf_tokenizer` writes for a `CharTokenizer`)."""
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        kind = model.get("type") if isinstance(model, dict) else None
+        raise UserError(
+            f"{path}: a {kind or 'unknown'} tokenizer; only byte-level BPE and characters load here"
+        )
+    vocab = dict(model.get("vocab") or {})
+    for added in data.get("added_tokens") or []:
+        vocab.setdefault(added["content"], added["id"])
+    merges = _merges_from_lines(
+        " ".join(m) if isinstance(m, list) else m for m in model.get("merges") or []
+    )
+    pre = data.get("pre_tokenizer")
+    if pre is None and not merges:
+        return _char_tokenizer(vocab, path)
+    if not isinstance(pre, dict) or pre.get("type") != "ByteLevel":
+        raise UserError(f"{path}: the BPE is not byte-level like GPT-2's; it cannot be loaded here")
+    return _bpe_tokenizer(vocab, merges, path.parent, None)
+
+
+def _char_tokenizer(vocab: dict[str, int], path: Path) -> CharTokenizer:
+    chars = sorted(vocab)
+    if any(len(c) != 1 for c in chars) or [vocab[c] for c in chars] != list(range(len(chars))):
+        raise UserError(
+            f"{path}: a vocabulary without merges that is not one id per character, in order"
+        )
+    return CharTokenizer(chars)
+
+
+def _bpe_tokenizer(
+    vocab: Any, merges: tuple[str, ...], folder: Path, files: tuple[Path, Path] | None
+) -> Tokenizer:
+    """GPT-2's tokenizer when the vocabulary and merges are GPT-2's, else our own BPE."""
+    if not isinstance(vocab, dict):
+        raise UserError(f"{folder}: {VOCAB_FILE} is not a JSON object of token -> id")
+    gpt2_vocab, gpt2_merges = gpt2_vocab_and_merges()
+    if vocab == gpt2_vocab and merges == gpt2_merges:
+        return GPT2Tokenizer()
+    try:
+        from gpt2.bpe import BPETokenizer  # issue 3: byte-level BPE with any vocabulary
+    except ImportError:
+        raise UserError(
+            f"{folder} has a BPE vocabulary of {len(vocab)} tokens that is not GPT-2's; this version "
+            "of gpt2 can only load GPT-2's own vocabulary"
+        ) from None
+    if files is not None:
+        return BPETokenizer.from_hf_files(*files)
+    with tempfile.TemporaryDirectory() as tmp:  # from tokenizer.json: write the pair it reads
+        vocab_path, merges_path = Path(tmp, VOCAB_FILE), Path(tmp, MERGES_FILE)
+        vocab_path.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        merges_path.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        return BPETokenizer.from_hf_files(vocab_path, merges_path)
+
+
+def _merges_from_lines(lines: Any) -> tuple[str, ...]:
+    """Merges as "left right" strings, without the ``#version`` header or blank lines."""
+    return tuple(line for line in lines if line.strip() and not line.startswith("#version"))
+
+
+@lru_cache(maxsize=1)
+def gpt2_vocab_and_merges() -> tuple[dict[str, int], tuple[str, ...]]:
+    """GPT-2's ``encoder.json`` and the merges of ``vocab.bpe``, from the asset cache."""
+    from gpt2.assets import fetch
+
+    vocab = json.loads(fetch("gpt2-tokenizer/encoder.json").read_text(encoding="utf-8"))
+    lines = fetch("gpt2-tokenizer/vocab.bpe").read_text(encoding="utf-8").splitlines()
+    return vocab, _merges_from_lines(lines)
+
+
+def _check_vocab_fits(tokenizer: Tokenizer, vocab_size: int, where: str) -> None:
+    if tokenizer.vocab_size > vocab_size:
+        raise UserError(
+            f"{where}: the tokenizer has {tokenizer.vocab_size} ids but the model only {vocab_size} "
+            "token embeddings"
+        )
+
+
+def _check_exportable(tokenizer: Tokenizer) -> None:
+    if not isinstance(tokenizer, (GPT2Tokenizer, CharTokenizer)) and not hasattr(
+        tokenizer, "save_hf"
+    ):
+        raise UserError(
+            f"the {tokenizer.kind!r} tokenizer has no Hugging Face form in this version; only GPT-2's "
+            "BPE and character vocabularies export"
+        )
+
+
+def save_hf_tokenizer(tokenizer: Tokenizer, folder: Path, block_size: int) -> None:
+    """Write ``tokenizer`` as ``transformers.AutoTokenizer`` reads it.
+
+    GPT-2's BPE becomes ``vocab.json`` + ``merges.txt`` (the files OpenAI published, byte for
+    byte). A character vocabulary becomes a `tokenizers` ``tokenizer.json``: a BPE with no
+    merges and no pre-tokenizer splits text into single characters, and the ``Fuse`` decoder
+    joins them back with nothing between. A character it never saw is dropped there, where
+    `CharTokenizer` raises an error.
+    """
+    _check_exportable(tokenizer)
+    for name in HF_TOKENIZER_FILES:
+        (folder / name).unlink(missing_ok=True)
+    settings: dict[str, Any] = {
+        "model_max_length": block_size,
+        "clean_up_tokenization_spaces": False,
+    }
+    if isinstance(tokenizer, GPT2Tokenizer):
+        from gpt2.assets import fetch
+
+        _copy_file(fetch("gpt2-tokenizer/encoder.json"), folder / VOCAB_FILE)
+        _copy_file(fetch("gpt2-tokenizer/vocab.bpe"), folder / MERGES_FILE)
+        special = {f"{k}_token": EOT_TEXT for k in ("bos", "eos", "unk")}
+        settings = {
+            "tokenizer_class": "GPT2Tokenizer",
+            **special,
+            "add_prefix_space": False,
+            **settings,
+        }
+    elif isinstance(tokenizer, CharTokenizer):
+        _write_json(folder / TOKENIZER_FILE, _char_tokenizer_json(tokenizer))
+        settings = {"tokenizer_class": "PreTrainedTokenizerFast", **settings}
+    else:
+        tokenizer.save_hf(folder)  # type: ignore[attr-defined]  # our own BPE (gpt2.bpe)
+        if (folder / TOKENIZER_CONFIG_FILE).is_file():
+            return
+        settings = {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False, **settings}
+        if tokenizer.eot_token is not None:
+            eot_text = tokenizer.decode([tokenizer.eot_token])
+            settings.update({f"{k}_token": eot_text for k in ("bos", "eos", "unk")})
+    _write_json(folder / TOKENIZER_CONFIG_FILE, settings)
+
+
+def _char_tokenizer_json(tokenizer: CharTokenizer) -> dict[str, Any]:
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [],
+        "normalizer": None,
+        "pre_tokenizer": None,
+        "post_processor": None,
+        "decoder": {"type": "Fuse"},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": dict(tokenizer.stoi),
+            "merges": [],
+        },
+    }
+
+
+# --- files ----------------------------------------------------------------------------------
+
+
+def _has_safetensors(folder: Path) -> bool:
+    return (folder / SAFETENSORS_FILE).is_file() or (folder / SAFETENSORS_INDEX).is_file()
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+
+
+def _atomic_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = _atomic_path(path)
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _copy_file(source: Path, path: Path) -> None:
+    tmp = _atomic_path(path)
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, path)
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = _atomic_path(path)
+    # transformers refuses a safetensors file whose metadata does not say which framework wrote it.
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
