@@ -35,16 +35,6 @@ SHAPES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread: the 124M shape's matrix products run several times faster on one thread
-    than on two when other processes share the two cores, and the results are identical."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def hf_config(shape: tuple[int, ...]) -> transformers.GPT2Config:
     n_layer, n_head, n_embd, n_positions, vocab_size = shape
     # No end-of-text id, so that transformers' generate never stops early.
