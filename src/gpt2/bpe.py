@@ -30,16 +30,20 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
-from collections.abc import Collection, Iterable, Iterator
-from functools import cached_property
+from collections.abc import Callable, Collection, Iterable, Iterator
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import regex
 
 from gpt2.errors import UserError
 from gpt2.tokenizer import EOT_TEXT, GPT2_PATTERN, TOKENIZER_TYPES, Tokenizer, bytes_to_unicode
+
+log = logging.getLogger(__name__)
 
 Pair = tuple[bytes, bytes]
 SpecialSet = Collection[str] | Literal["all"]
@@ -47,21 +51,26 @@ SpecialSet = Collection[str] | Literal["all"]
 WORD_CACHE_SIZE = 100_000  # words remembered with their ids; emptied when full
 SINGLE_BYTES = tuple(bytes([b]) for b in range(256))
 BYTE_TO_CHAR = bytes_to_unicode()
-CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
 HF_MERGES_HEADER = "#version: 0.2"
+
+
+# str.translate tables between a byte (as the code point of its value) and its visible character;
+# a character outside GPT-2's alphabet is sent to U+FFFF, which no byte is, to be caught.
+_TO_CHAR = {b: c for b, c in BYTE_TO_CHAR.items()}
+_TO_BYTE = {**{b: 0xFFFF for b in range(256)}, **{ord(c): b for b, c in BYTE_TO_CHAR.items()}}
 
 
 def token_to_text(token: bytes) -> str:
     """A token as the visible text the vocabulary files use (space is ``Ġ``, newline ``Ċ``)."""
-    return "".join(BYTE_TO_CHAR[b] for b in token)
+    return token.decode("latin-1").translate(_TO_CHAR)
 
 
 def text_to_token(text: str) -> bytes | None:
     """The bytes behind a vocabulary file's token text, or None if it is not byte-level text
     (an added special token such as ``<pad>`` spelled with other characters)."""
     try:
-        return bytes(CHAR_TO_BYTE[c] for c in text)
-    except KeyError:
+        return text.translate(_TO_BYTE).encode("latin-1")
+    except UnicodeEncodeError:
         return None
 
 
@@ -261,6 +270,8 @@ class BPETokenizer(Tokenizer):
         rise with their merge rank and (2) BPE on each token's own bytes, with the merges
         ranked before it, ends in exactly the merge that makes it.
         """
+        if self.pattern != GPT2_PATTERN:
+            return "its pre-tokenization pattern is not GPT-2's (only that one is checked against tiktoken's)"
         last_id = -1
         for rank, (first, second) in enumerate(self.merges):
             token = first + second
@@ -429,6 +440,34 @@ class BPETokenizer(Tokenizer):
 
 
 TOKENIZER_TYPES[BPETokenizer.kind] = BPETokenizer.from_dict
+
+
+def ordinary_encoder(tokenizer: Tokenizer, fast: bool = True) -> Callable[[str], np.ndarray]:
+    """A function from text to its ids (uint32), special-token spellings read as plain text.
+
+    With ``fast``, GPT-2 and every BPE vocabulary that tiktoken encodes identically go through
+    tiktoken; without it, BPE vocabularies (GPT-2's included) go through the readable
+    `BPETokenizer`, the reference. Other tokenizers use their own ``encode``.
+    """
+    from gpt2.tokenizer import GPT2Tokenizer
+
+    if isinstance(tokenizer, GPT2Tokenizer):
+        if fast:
+            return partial(tokenizer.enc.encode_to_numpy, disallowed_special=())
+        tokenizer = BPETokenizer.gpt2()
+    if isinstance(tokenizer, BPETokenizer):
+        encoding = tokenizer.tiktoken_encoding() if fast else None
+        if encoding is not None:
+            return partial(encoding.encode_to_numpy, disallowed_special=())
+        if fast:
+            log.info(
+                "encoding with the readable BPE: tiktoken would differ (%s)",
+                tokenizer.tiktoken_mismatch,
+            )
+        encode = tokenizer.encode_ordinary
+    else:
+        encode = tokenizer.encode
+    return lambda text: np.asarray(encode(text), dtype=np.uint32)
 
 
 # --- file helpers ---------------------------------------------------------------------------
