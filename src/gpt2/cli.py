@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "gpt2.commands.train",
     "gpt2.commands.sample",
     "gpt2.commands.presets",
+    "gpt2.commands.serve",
     "gpt2.commands.export",
 )
 

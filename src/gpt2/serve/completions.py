@@ -1,0 +1,374 @@
+"""One ``/v1/completions`` request from start to end: check it, queue its choices, build the answer.
+
+`plan` turns a validated `CompletionRequest` into token ids and sampling settings (refusing what
+the limits forbid); `Completions.collect` waits for every choice and returns one response;
+`Completions.stream` yields server-sent events as tokens arrive. Either way the request's
+sequences are cancelled when it ends early (a client that leaves, a stop string), so the worker
+stops spending steps on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from gpt2.errors import UserError
+from gpt2.serve.errors import APIError
+from gpt2.serve.limits import Limits, check_counts, check_lengths
+from gpt2.serve.sampling import Sampled, SamplingParams
+from gpt2.serve.scheduler import Event, QueueFull, Scheduler, Sequence
+from gpt2.serve.schemas import (
+    MAX_STOP_SEQUENCES,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    Logprobs,
+    Usage,
+)
+from gpt2.serve.text import CompletionText, TokenText
+from gpt2.tokenizer import Tokenizer
+
+LOGIT_BIAS_RANGE = 100.0  # OpenAI's bound on each bias
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A request reduced to what the scheduler needs: each prompt's ids and text, settings."""
+
+    prompts: list[list[int]]
+    prompt_texts: list[str]
+    n: int
+    params: SamplingParams
+    stop: list[str]
+    echo: bool
+    stream: bool
+    include_usage: bool
+
+    def choices(self) -> list[tuple[list[int], SamplingParams]]:
+        """OpenAI's order: prompt i's n choices have indexes i*n .. i*n+n-1. A seeded request
+        gives choice k the seed ``seed + k``, so that its n choices differ but repeat."""
+        out = []
+        for i, prompt in enumerate(self.prompts):
+            for j in range(self.n):
+                params = self.params
+                if params.seed is not None:
+                    params = _replace(params, seed=params.seed + i * self.n + j)
+                out.append((prompt, params))
+        return out
+
+
+def _replace(params: SamplingParams, **changes: object) -> SamplingParams:
+    from dataclasses import replace
+
+    return replace(params, **changes)
+
+
+def plan(
+    req: CompletionRequest, tokenizer: Tokenizer, vocab_size: int, context: int, limits: Limits
+) -> Plan:
+    """Check ``req`` against the model and the limits, and encode its prompts (CPU work: run it
+    off the event loop)."""
+    if req.suffix:
+        raise APIError(400, "suffix is not supported by this model", param="suffix")
+    n = 1 if req.n is None else req.n
+    if req.best_of is not None and req.best_of != n:
+        raise APIError(400, "best_of is supported only when equal to n", param="best_of")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > MAX_STOP_SEQUENCES:
+        raise APIError(400, f"at most {MAX_STOP_SEQUENCES} stop sequences", param="stop")
+    raw = _prompt_list(req.prompt)
+    check_counts(limits, len(raw), n)
+    prompts, texts = [], []
+    for p in raw:
+        ids, text = _encode(p, tokenizer, vocab_size)
+        prompts.append(ids)
+        texts.append(text)
+    max_tokens = 16 if req.max_tokens is None else req.max_tokens
+    for ids in prompts:
+        check_lengths(limits, context, len(ids), max_tokens)
+    echo = bool(req.echo)
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        logit_bias=_logit_bias(req.logit_bias, vocab_size),
+        seed=req.seed,
+        logprobs=req.logprobs,
+        echo_logprobs=echo and req.logprobs is not None,
+        stop_token=tokenizer.eot_token,
+    )
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return Plan(prompts, texts, n, params, stop, echo, bool(req.stream), include_usage)
+
+
+def _prompt_list(prompt: object) -> list[str | list[int]]:
+    """``"a"``, ``["a", "b"]``, ``[1, 2]`` or ``[[1], [2]]`` as a list of prompts."""
+    if isinstance(prompt, str):
+        return [prompt]
+    items = list(prompt)  # type: ignore[call-overload]
+    if items and all(isinstance(x, int) for x in items):
+        return [items]
+    return items
+
+
+def _encode(
+    prompt: str | list[int], tokenizer: Tokenizer, vocab_size: int
+) -> tuple[list[int], str]:
+    if isinstance(prompt, str):
+        if not prompt:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        try:
+            return tokenizer.encode(prompt), prompt
+        except UserError as e:
+            raise APIError(400, f"prompt: {e}", param="prompt") from None
+    bad = [t for t in prompt if not 0 <= t < vocab_size]
+    if bad:
+        raise APIError(
+            400,
+            f"prompt: token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})",
+            param="prompt",
+        )
+    return list(prompt), _decode_all(tokenizer, list(prompt))
+
+
+def _decode_all(tokenizer: Tokenizer, ids: list[int]) -> str:
+    text = CompletionText(tokenizer, [])
+    for t in ids:
+        text.add(t)
+    text.finish()
+    return text.text
+
+
+def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    out = []
+    for key, value in (bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise APIError(
+                400, f"logit_bias: {key!r} is not a token id", param="logit_bias"
+            ) from None
+        if not 0 <= token < vocab_size:
+            raise APIError(
+                400, f"logit_bias: token id {token} is outside the vocabulary", param="logit_bias"
+            )
+        if not -LOGIT_BIAS_RANGE <= value <= LOGIT_BIAS_RANGE:
+            raise APIError(
+                400, f"logit_bias: values must be in [-100, 100], got {value}", param="logit_bias"
+            )
+        out.append((token, value))
+    return tuple(out)
+
+
+@dataclass
+class ChoiceState:
+    """One choice on the event loop's side: its text so far and why it ended."""
+
+    index: int
+    text: CompletionText
+    echo_text: str  # sent before the completion when echo is on, else ""
+    prompt_ids: list[int]
+    prompt_scores: list[Sampled | None] | None = None
+    tokens: list[TokenText] = field(default_factory=list)  # sent so far (non-streaming: all)
+    n_tokens: int = 0  # generated tokens, end of text included (usage counts them)
+    finish: str | None = None
+    echo_sent: bool = False  # streaming: the prompt's chunk has gone out
+
+
+class Completions:
+    """Runs a planned request through the scheduler."""
+
+    def __init__(
+        self, scheduler: Scheduler, tokenizer: Tokenizer, model_name: str, plan: Plan
+    ) -> None:
+        self.scheduler = scheduler
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.plan = plan
+        self.id = f"cmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.choices: list[ChoiceState] = []
+        self.seqs: list[Sequence] = []
+
+    def submit(self) -> None:
+        """Queue every choice; a full queue is a 429."""
+        try:
+            self.seqs = self.scheduler.submit(self.plan.choices(), self.events)
+        except QueueFull as e:
+            raise APIError(429, str(e), type="rate_limit_error", code="queue_full") from None
+        for k, seq in enumerate(self.seqs):
+            i = k // self.plan.n
+            self.choices.append(
+                ChoiceState(
+                    k,
+                    CompletionText(self.tokenizer, self.plan.stop),
+                    self.plan.prompt_texts[i] if self.plan.echo else "",
+                    seq.prompt,
+                )
+            )
+
+    def cancel(self) -> None:
+        self.scheduler.cancel([s for s in self.seqs if not s.cancelled])
+
+    async def collect(self) -> Completion:
+        """Wait for every choice to end; the whole response."""
+        try:
+            pending = len(self.choices)
+            while pending:
+                event = await self.events.get()
+                choice = self.choices[event.index]
+                if choice.finish is not None:
+                    continue  # tokens the worker made before it saw the cancellation
+                self._apply(choice, event)
+                if choice.finish is not None:
+                    pending -= 1
+        finally:
+            self.cancel()
+        return Completion(
+            id=self.id,
+            created=self.created,
+            model=self.model_name,
+            choices=[self._whole(c) for c in self.choices],
+            usage=self._usage(),
+        )
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        """Server-sent events: a chunk per piece of text, then ``data: [DONE]``. With echo, a
+        choice's first chunk is its prompt (sent once the worker has scored it, if asked)."""
+        try:
+            pending = len(self.choices)
+            while pending:
+                event = await self.events.get()
+                c = self.choices[event.index]
+                if c.finish is not None:
+                    continue  # tokens the worker made before it saw the cancellation
+                if event.error is not None:
+                    yield _sse(APIError(500, event.error, type="server_error").body())
+                    return
+                sent_tokens, sent_chars = len(c.tokens), c.text.released
+                self._apply(c, event)
+                if self.plan.echo and not c.echo_sent:
+                    c.echo_sent = True
+                    yield _sse(self._chunk(c, c.echo_text, self._prompt_logprobs(c), None))
+                text = c.text.text[sent_chars : c.text.released]
+                new = c.tokens[sent_tokens:]
+                if text or new or c.finish is not None:
+                    yield _sse(self._chunk(c, text, self._logprobs(c, new), c.finish))
+                if c.finish is not None:
+                    pending -= 1
+            if self.plan.include_usage:
+                last = Completion(
+                    id=self.id,
+                    created=self.created,
+                    model=self.model_name,
+                    choices=[],
+                    usage=self._usage(),
+                )
+                yield _sse(last.model_dump(exclude={"system_fingerprint"}))
+            yield b"data: [DONE]\n\n"
+        finally:
+            self.cancel()
+
+    def _apply(self, c: ChoiceState, event: Event) -> None:
+        """Fold one worker event into choice ``c``."""
+        if event.error is not None:
+            raise APIError(500, event.error, type="server_error")
+        if event.prompt is not None:
+            c.prompt_scores = event.prompt
+        if event.token is not None:
+            c.n_tokens += 1
+            is_eot = event.finish == "stop" and event.token.token == self.plan.params.stop_token
+            if not is_eot:
+                piece = c.text.add(event.token.token, event.token)
+                c.tokens.extend(piece.tokens)
+                if piece.stopped:
+                    c.finish = "stop"
+                    self.scheduler.cancel([self.seqs[c.index]])
+                    return
+        if event.finish is not None:
+            piece = c.text.finish()
+            c.tokens.extend(piece.tokens)
+            c.finish = "stop" if piece.stopped else event.finish
+
+    def _whole(self, c: ChoiceState) -> CompletionChoice:
+        prompt_lp = self._prompt_logprobs(c)
+        completion_lp = self._logprobs(c, c.tokens)
+        logprobs = None
+        if completion_lp is not None:
+            if prompt_lp is not None:
+                completion_lp = Logprobs(
+                    tokens=prompt_lp.tokens + completion_lp.tokens,
+                    token_logprobs=prompt_lp.token_logprobs + completion_lp.token_logprobs,
+                    top_logprobs=(prompt_lp.top_logprobs or [])
+                    + (completion_lp.top_logprobs or []),
+                    text_offset=prompt_lp.text_offset + completion_lp.text_offset,
+                )
+            logprobs = completion_lp
+        return CompletionChoice(
+            text=c.echo_text + c.text.text,
+            index=c.index,
+            logprobs=logprobs,
+            finish_reason=c.finish,
+        )
+
+    def _logprobs(self, c: ChoiceState, tokens: list[TokenText]) -> Logprobs | None:
+        """The ``logprobs`` object for generated ``tokens`` (None when not asked for)."""
+        if self.plan.params.logprobs is None:
+            return None
+        base = len(c.echo_text)
+        return Logprobs(
+            tokens=[t.text for t in tokens],
+            token_logprobs=[t.info.logprob for t in tokens],
+            top_logprobs=[self._top(t.text, t.info) for t in tokens],
+            text_offset=[base + t.offset for t in tokens],
+        )
+
+    def _prompt_logprobs(self, c: ChoiceState) -> Logprobs | None:
+        if not (self.plan.echo and self.plan.params.logprobs is not None):
+            return None
+        scores = c.prompt_scores or [None] * len(c.prompt_ids)
+        text = CompletionText(self.tokenizer, [])
+        tokens = [tok for t in c.prompt_ids for tok in text.add(t).tokens]
+        tokens += text.finish().tokens
+        return Logprobs(
+            tokens=[t.text for t in tokens],
+            token_logprobs=[s.logprob if s else None for s in scores],
+            top_logprobs=[
+                self._top(t.text, s) if s else None for t, s in zip(tokens, scores, strict=True)
+            ],
+            text_offset=[t.offset for t in tokens],
+        )
+
+    def _top(self, text: str, s: Sampled) -> dict[str, float]:
+        """The top alternatives, plus the chosen token (OpenAI: up to logprobs + 1 entries)."""
+        top = {self.tokenizer.decode([i]): lp for i, lp in (s.top or ())}
+        top.setdefault(text, s.logprob)
+        return top
+
+    def _usage(self) -> Usage:
+        prompt = sum(len(p) for p in self.plan.prompts)
+        completion = sum(c.n_tokens for c in self.choices)
+        return Usage(
+            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        )
+
+    def _chunk(
+        self, c: ChoiceState, text: str, logprobs: Logprobs | None, finish: str | None
+    ) -> dict:
+        choice = CompletionChoice(text=text, index=c.index, logprobs=logprobs, finish_reason=finish)
+        chunk = Completion(
+            id=self.id, created=self.created, model=self.model_name, choices=[choice]
+        )
+        body = chunk.model_dump(exclude={"usage", "system_fingerprint"})
+        return body
+
+
+def _sse(body: dict) -> bytes:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n".encode()

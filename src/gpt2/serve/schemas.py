@@ -1,0 +1,135 @@
+"""Request and response bodies of the completions API, in OpenAI's shapes.
+
+The request is validated strictly: a number sent as a string, an unknown field or a value out of
+OpenAI's documented range is refused with a 400 before any model work. Limits that depend on the
+model or the server (context length, ``max_tokens``, ``n``) are checked later, in ``limits.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# A token id list may be sent instead of text, as OpenAI allows: "prompt": [15496, 11] or
+# "prompt": [[15496], [11]] (several prompts, each a list of ids).
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+MAX_LOGPROBS = 5  # OpenAI's limit on top alternatives per token
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    include_usage: bool = Field(
+        False, description="send a last chunk with the request's token usage (and no choices)"
+    )
+
+
+class CompletionRequest(BaseModel):
+    """``POST /v1/completions``. Fields and defaults as OpenAI documents them."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = Field(
+        None, max_length=256, description="the served model's id (optional: there is only one)"
+    )
+    prompt: Prompt = Field(
+        description="text to continue: a string, a list of strings, or token ids (a list of ints, "
+        "or a list of such lists)"
+    )
+    max_tokens: int | None = Field(16, ge=0, description="most tokens to generate per choice")
+    temperature: float | None = Field(
+        1.0, ge=0.0, le=2.0, description="0 picks the most likely token; higher is more random"
+    )
+    top_p: float | None = Field(
+        1.0, ge=0.0, le=1.0, description="sample among the most likely tokens of this total mass"
+    )
+    n: int | None = Field(1, ge=1, description="choices to generate for each prompt")
+    stop: str | list[str] | None = Field(
+        None, description=f"up to {MAX_STOP_SEQUENCES} strings that end a choice (not returned)"
+    )
+    seed: int | None = Field(
+        None, ge=-(2**63), lt=2**64, description="the same seed and request give the same text"
+    )
+    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = Field(
+        None, description='added to the logits of token ids: {"50256": -100} bans end of text'
+    )
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="return each token's log probability and this many top alternatives",
+    )
+    echo: bool | None = Field(False, description="return the prompt before the completion")
+    stream: bool | None = Field(False, description="send tokens as server-sent events")
+    stream_options: StreamOptions | None = None
+    best_of: int | None = Field(None, ge=1, description="accepted only when equal to n")
+    suffix: str | None = Field(None, description="not supported: only null or empty")
+    user: str | None = Field(None, max_length=256, description="ignored")
+
+
+class Logprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: Logprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Completion(BaseModel):
+    """A whole response, or (with ``stream``) one server-sent chunk of it."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "gpt2"
+    context_length: int = Field(description="the model's context window in tokens")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    model: str
+    active: int = Field(description="sequences being decoded now")
+    waiting: int = Field(description="sequences queued for a free slot")
