@@ -52,6 +52,23 @@ ASSETS: dict[str, Asset] = {
             "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
             "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
         ),
+        # Evaluation data (gpt2.evaluate). Hashes as recorded by Hugging Face `datasets`
+        # (hellaswag, wikitext dataset_infos.json) and EleutherAI's lambada_openai card.
+        Asset(
+            "hellaswag/hellaswag_val.jsonl",
+            "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl",
+            "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588",
+        ),
+        Asset(
+            "lambada/lambada_test.jsonl",
+            "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl",
+            "4aa8d02cd17c719165fc8a7887fddd641f43fcafa4b1c806ca8abc31fabdb226",
+        ),
+        Asset(
+            "wikitext-2-raw/wikitext-2-raw-v1.zip",
+            "https://wikitext.smerity.com/wikitext-2-raw-v1.zip",
+            "ef7edb566e3e2b2d31b29c1fdb0c89a4cc683597484c3dc2517919c615435a11",
+        ),
     )
 }
 
