@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "gpt2.commands.presets",
     "gpt2.commands.serve",
     "gpt2.commands.export",
+    "gpt2.commands.tokenizer",
     "gpt2.commands.eval",
 )
 
