@@ -103,7 +103,7 @@ LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, and GPT-2's
 GPT2_VOCAB_SIZE = 50257
 # GPT2Config's defaults, used for fields a config.json leaves out.
 HF_DEFAULTS: dict[str, Any] = {
-    "vocab_size": 50257,
+    "vocab_size": GPT2_VOCAB_SIZE,
     "n_positions": 1024,
     "n_embd": 768,
     "n_layer": 12,
@@ -165,7 +165,7 @@ def save_pretrained(model: GPT, folder: str | Path, tokenizer: Tokenizer | None 
     files are written, as ``transformers``' own ``save_pretrained`` does.
     """
     folder = Path(folder)
-    if own_checkpoint_dir(folder) == folder:
+    if own_checkpoint_dir(folder) is not None:  # its config.json would be overwritten or shadowed
         raise UserError(f"{folder} holds a gpt2 checkpoint; export to another folder")
     if tokenizer is not None:
         _check_exportable(tokenizer)
@@ -255,10 +255,9 @@ def download_from_hub(repo_id: str) -> Path:
             patterns = [CONFIG_FILE, *HUB_PICKLE_PATTERNS]
             folder = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:  # offline, no such repository, gated, HTTP errors: the same advice
-        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         raise UserError(
             f"{repo_id!r} is not a local folder and could not be downloaded from the Hugging Face "
-            f"Hub ({reason}); {manual}"
+            f"Hub ({type(e).__name__}: {_first_line(e)}); {manual}"
         ) from None
     return folder
 
@@ -396,9 +395,8 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
-            f"{path} cannot be loaded as plain tensors (weights_only=True): {first}"
+            f"{path} cannot be loaded as plain tensors (weights_only=True): {_first_line(e)}"
         ) from None
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise UserError(f"{path} is not a state dict of tensors")
@@ -714,6 +712,12 @@ def _char_tokenizer_json(tokenizer: CharTokenizer) -> dict[str, Any]:
 
 
 # --- files ----------------------------------------------------------------------------------
+
+
+def _first_line(e: Exception) -> str:
+    """The first line of an exception's message (some run to pages), or its type's name."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _has_safetensors(folder: Path) -> bool:
