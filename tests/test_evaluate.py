@@ -387,3 +387,22 @@ def test_cli_reads_a_hugging_face_folder_like_our_checkpoint(overfit: Path, tmp_
         assert main(args) == 0
     ours, theirs = (json.loads((tmp_path / f).read_text()) for f in ("ours.json", "hf.json"))
     assert theirs["metrics"] == pytest.approx(ours["metrics"], rel=1e-5)
+
+
+def test_default_data_is_an_asset_and_offline_says_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gpt2 import assets
+
+    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise assets.urllib.error.URLError("no network")
+
+    monkeypatch.setattr(assets.urllib.request, "urlopen", offline)
+    tok = CharTokenizer.from_text("abc ")
+    for task, name in evaluate.DEFAULT_DATA.items():
+        assert len(assets.ASSETS[name].sha256) == 64
+        with pytest.raises(UserError, match="--data") as err:
+            load_task(task, tok)
+        assert str(tmp_path / name) in str(err.value) and assets.ASSETS[name].url in str(err.value)

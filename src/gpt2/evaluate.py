@@ -169,7 +169,12 @@ def resolve_data(task: str, data: str | Path | None) -> DataSource:
     """The task's file: ``data`` when given (a local path), else its asset, fetched once."""
     if data is None or str(data) == "":
         name = DEFAULT_DATA[task]
-        path = fetch(name)
+        try:
+            path = fetch(name)
+        except UserError as e:
+            raise UserError(
+                f"{e}; or give a local copy with --data (training: --eval-data)"
+            ) from None
         return DataSource(path, ASSETS[name].sha256, name)
     path = Path(data)
     if not path.exists():
@@ -655,6 +660,6 @@ def format_table(result: EvalResult) -> str:
     ]
     width = max(len(k) for k, _ in header + figures)
     lines = [f"{k:<{width}}  {v}" for k, v in header]
-    lines.append("-" * (width + 2 + max(len(v) for _, v in figures)))
+    lines.append("-" * (width + 14))
     lines += [f"{k:<{width}}  {v:>12}" for k, v in figures]
     return "\n".join(lines)
