@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Point the asset cache at a local folder to work offline (tests use ../shared/data).
 export GPT2_CACHE_DIR ?= $(HOME)/.cache/gpt2
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test notebook lint format bench clean
 
 install:  ## a virtual environment with torch 2.13.0 (CPU) and the package, editable, with test extras
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ demo:  ## train a small character model on TinyShakespeare on the CPU, then samp
 
 test:  ## the test suite (what CI runs)
 	$(BIN)/python -m pytest
+
+notebook:  ## run notebooks/gpt2_walkthrough.ipynb top to bottom (a copy, outputs stripped); CI runs it
+	$(BIN)/python scripts/run_notebook.py
 
 lint:
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
