@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,10 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
 
 from gpt2.assets import sha256_file
+from gpt2.corpus import SAFE_CUT_TEXT
 from gpt2.errors import UserError
-from gpt2.tokenizer import get_tokenizer
+from gpt2.shards import open_shard
+from gpt2.tokenizer import Tokenizer, get_tokenizer
 
 META_FILE = "meta.json"
 SPLITS = ("train", "val")
@@ -52,16 +54,17 @@ def read_text(path: str | Path) -> str:
 
 
 def text_chunks(text: str, size: int = 1 << 20) -> Iterator[str]:
-    """Pieces of about ``size`` characters, each ending in a newline followed by a non-space.
+    """Pieces of about ``size`` characters, cut only where GPT-2's pre-tokenizer gives the same
+    words on both sides as on the whole text (`gpt2.corpus.SAFE_CUT_TEXT`), so that encoding the
+    pieces one by one gives exactly the ids of the whole, with progress to show.
 
-    GPT-2's pre-tokenizer never joins a newline to a following letter or symbol, so encoding the
-    pieces one by one gives exactly the ids of encoding the whole text, with progress to show.
+    (A cut after any newline is not enough: ``"a\n\nb"`` is ``a``, ``\n``, ``\n``, ``b`` whole,
+    but ``"a\n\n"`` alone ends in the one token ``\n\n``.)
     """
     start = 0
     while start < len(text):
-        end = min(start + size, len(text))
-        while end < len(text) and not (text[end - 1] == "\n" and not text[end].isspace()):
-            end += 1
+        match = SAFE_CUT_TEXT.search(text, start + size) if start + size < len(text) else None
+        end = match.end() if match else len(text)
         yield text[start:end]
         start = end
 
@@ -88,10 +91,13 @@ def prepare(
         raise UserError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     text = read_text(input_path)
     tok = get_tokenizer(tokenizer, text)
+    encode = fast_encode(tok)
     pieces = []
-    with tqdm(total=len(text), unit="char", unit_scale=True, desc="tokenizing", disable=not show_progress) as bar:
+    with tqdm(
+        total=len(text), unit="char", unit_scale=True, desc="tokenizing", disable=not show_progress
+    ) as bar:
         for chunk in text_chunks(text):
-            pieces.append(np.asarray(tok.encode(chunk), dtype=np.int64))
+            pieces.append(np.asarray(encode(chunk), dtype=np.int64))
             bar.update(len(chunk))
     ids = np.concatenate(pieces)
     dtype = token_dtype(tok.vocab_size)
@@ -126,21 +132,84 @@ def prepare(
     return meta
 
 
+def fast_encode(tok: Tokenizer) -> Callable[[str], list[int]]:
+    """``tok.encode``, done by tiktoken for a BPE vocabulary that tiktoken encodes identically."""
+    from gpt2.bpe import BPETokenizer
+
+    encoding = tok.tiktoken_encoding() if isinstance(tok, BPETokenizer) else None
+    if encoding is None:
+        return tok.encode
+
+    def encode(text: str) -> list[int]:
+        try:
+            return encoding.encode(text)
+        except ValueError as e:  # a special token written in the text, refused as tok.encode does
+            raise UserError(str(e).splitlines()[0]) from None
+
+    return encode
+
+
 def read_meta(data_dir: str | Path) -> dict[str, Any]:
     path = Path(data_dir) / META_FILE
     if not Path(data_dir).is_dir():
         raise UserError(f"data folder not found: {data_dir} (create it with `gpt2 prepare`)")
     if not path.is_file():
-        raise UserError(f"{data_dir} has no {META_FILE}: not a prepared data folder (see `gpt2 prepare`)")
+        raise UserError(
+            f"{data_dir} has no {META_FILE}: not a prepared data folder (see `gpt2 prepare`)"
+        )
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON: {e}") from None
 
 
-def load_split(data_dir: str | Path, split: str) -> np.memmap:
-    """The tokens of one split, memory-mapped read-only."""
+def load_split_shards(data_dir: str | Path, split: str) -> list[np.ndarray]:
+    """The tokens of one split as a list of read-only memory maps, one per shard (a folder from
+    `prepare`, with one file per split, gives a one-element list)."""
     meta = read_meta(data_dir)
+    if "shards" not in meta:
+        return [load_split(data_dir, split)]
+    if split not in meta["shards"]:
+        raise UserError(f"{data_dir} has no {split!r} split")
+    if not meta["shards"][split]:
+        raise UserError(f"{data_dir} has no {split} shards")
+    return [open_shard(Path(data_dir) / name) for name in meta["shards"][split]]
+
+
+class ShardedTokens:
+    """Several token arrays read as one (``len`` and slices), without copying them into memory:
+    lets code written for one array, such as `TokenWindows`, read a sharded split."""
+
+    def __init__(self, parts: list[np.ndarray]) -> None:
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p) for p in parts])  # (n_parts + 1,)
+        self.dtype = parts[0].dtype
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        start, stop, step = index.indices(len(self))
+        if step != 1:
+            raise IndexError("ShardedTokens supports contiguous slices only")
+        first = int(np.searchsorted(self.starts, start, side="right")) - 1
+        pieces = []
+        while start < stop:
+            local = start - int(self.starts[first])
+            take = min(stop - start, len(self.parts[first]) - local)
+            pieces.append(self.parts[first][local : local + take])
+            start += take
+            first += 1
+        return np.concatenate(pieces) if pieces else np.zeros(0, dtype=self.dtype)
+
+
+def load_split(data_dir: str | Path, split: str) -> np.memmap | ShardedTokens:
+    """The tokens of one split, memory-mapped read-only (a sharded split: the shards read as
+    one, see `ShardedTokens`)."""
+    meta = read_meta(data_dir)
+    if "shards" in meta:
+        parts = load_split_shards(data_dir, split)
+        return parts[0] if len(parts) == 1 else ShardedTokens(parts)
     path = Path(data_dir) / f"{split}.bin"
     if not path.is_file():
         raise UserError(f"missing {path}")

@@ -1,54 +1,123 @@
-"""``gpt2 prepare``: a text file to train/val token files."""
+"""``gpt2 prepare``: text to token files, from one text file up to a corpus of billions of tokens.
+
+One text file (and no ``--shard-tokens``) gives the simple format: ``train.bin`` and ``val.bin``,
+the last ``--val-fraction`` of the tokens held out (`gpt2.data.prepare`). Anything else (several
+files, a folder, JSONL, Parquet, a Hugging Face dataset, or ``--shard-tokens``) is streamed into
+shards, whole documents held out for validation, resumable (`gpt2.shards.prepare_shards`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+from pathlib import Path
 
 from gpt2.assets import fetch
+from gpt2.corpus import Source, find_sources
 from gpt2.data import prepare
+from gpt2.errors import UserError
+from gpt2.shards import prepare_shards
+from gpt2.tokenizer import get_tokenizer
 
 log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("prepare", help="tokenize a text file into train/val token files")
-    p.add_argument("--input", help="a UTF-8 text file (default: TinyShakespeare, downloaded once)")
+    p = sub.add_parser(
+        "prepare",
+        help="tokenize text files, JSONL, Parquet or a Hugging Face dataset into token files",
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+    )
+    p.add_argument("--input", nargs="+", metavar="PATH",
+                   help="text files, .jsonl/.jsonl.gz, .parquet, or folders of them (default: TinyShakespeare, downloaded once)")  # fmt: skip
+    p.add_argument("--hf-dataset", metavar="NAME",
+                   help="a Hugging Face dataset, streamed (e.g. HuggingFaceFW/fineweb-edu), or a folder from save_to_disk; needs the datasets extra")  # fmt: skip
     p.add_argument(
-        "--tokenizer",
-        default="char",
-        help="char, gpt2, or a folder with a tokenizer.json (default: char)",
+        "--hf-subset", metavar="NAME", help="the dataset's configuration (e.g. sample-10BT)"
+    )
+    p.add_argument("--hf-split", default="train", help="the dataset's split (default: train)")
+    p.add_argument("--tokenizer", help="char, gpt2, or a folder with a tokenizer.json (default: char for one text file, else gpt2)")  # fmt: skip
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--val-fraction", type=float,
+                   help="share held out for validation: of the tokens for one text file (default 0.1), of the documents for shards (default 0.01)")  # fmt: skip
+    p.add_argument(
+        "--shard-tokens",
+        type=int,
+        metavar="N",
+        help="tokens per shard (default for corpora: 100000000)",
     )
     p.add_argument(
-        "--out",
-        required=True,
-        help="output folder for train.bin, val.bin, meta.json, tokenizer.json",
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="encoding processes (default: one per CPU core)",
     )
     p.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.1,
-        help="share of tokens held out for validation (default: 0.1)",
+        "--text-field",
+        default="text",
+        help="the JSONL field or Parquet/dataset column holding the text (default: text)",
     )
+    p.add_argument("--on-bad-line", choices=("stop", "skip"), default="stop",
+                   help="a JSONL line that is not JSON or has no text: stop with its file and line (default), or skip it and count it")  # fmt: skip
+    p.add_argument("--reference-encoder", action="store_true",
+                   help="encode with the readable BPE instead of tiktoken (the same ids, much slower)")  # fmt: skip
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    source = args.input or fetch("tinyshakespeare/input.txt")
-    meta = prepare(
-        source,
+    if args.input and args.hf_dataset:
+        raise UserError("give --input or --hf-dataset, not both")
+    inputs = args.input or ([] if args.hf_dataset else [fetch("tinyshakespeare/input.txt")])
+    sources = (
+        [Source("hf", args.hf_dataset, args.hf_subset, args.hf_split)]
+        if args.hf_dataset
+        else find_sources(inputs)
+    )
+    if (
+        len(inputs) == 1
+        and Path(inputs[0]).is_file()
+        and sources[0].kind == "text"
+        and args.shard_tokens is None
+    ):
+        return _prepare_one_file(args, sources[0].location)
+    if args.tokenizer == "char":
+        raise UserError(
+            "the char tokenizer is for one text file; use --tokenizer gpt2 or a BPE folder for a corpus"
+        )
+    meta = prepare_shards(
+        sources,
         args.out,
-        tokenizer=args.tokenizer,
-        val_fraction=args.val_fraction,
+        get_tokenizer(args.tokenizer or "gpt2"),
+        shard_tokens=args.shard_tokens or 100_000_000,
+        val_fraction=0.01 if args.val_fraction is None else args.val_fraction,
+        workers=args.workers,
+        text_field=args.text_field,
+        on_bad_line=args.on_bad_line,
+        fast=not args.reference_encoder,
+        show_progress=not args.quiet,
+    )
+    stats = meta["stats"]
+    log.info(
+        "wrote %s: %d train tokens in %d shards, %d val tokens in %d (%d + %d documents; "
+        "%d empty documents, %d lines skipped, %d invalid UTF-8 sequences replaced)",
+        args.out, meta["train_tokens"], len(meta["shards"]["train"]), meta["val_tokens"], len(meta["shards"]["val"]),
+        meta["documents"]["train"], meta["documents"]["val"],
+        stats["empty_documents"], stats["skipped_lines"], stats["replaced_characters"],
+    )  # fmt: skip
+    return 0
+
+
+def _prepare_one_file(args: argparse.Namespace, path: str) -> int:
+    meta = prepare(
+        path,
+        args.out,
+        tokenizer=args.tokenizer or "char",
+        val_fraction=0.1 if args.val_fraction is None else args.val_fraction,
         show_progress=not args.quiet,
     )
     log.info(
         "wrote %s: %d train and %d val tokens (%s, vocabulary %d, %s)",
-        args.out,
-        meta["train_tokens"],
-        meta["val_tokens"],
-        meta["tokenizer"],
-        meta["vocab_size"],
-        meta["dtype"],
-    )
+        args.out, meta["train_tokens"], meta["val_tokens"], meta["tokenizer"], meta["vocab_size"], meta["dtype"],
+    )  # fmt: skip
     return 0
