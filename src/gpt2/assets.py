@@ -23,6 +23,9 @@ CACHE_ENV = "GPT2_CACHE_DIR"
 
 @dataclass(frozen=True)
 class Asset:
+    """A file the package can download: where it goes in the cache, where it comes from, and the
+    sha256 it must have (a changed upstream file is refused, never used silently)."""
+
     path: str  # relative to the cache folder
     url: str
     sha256: str
@@ -80,6 +83,7 @@ def cache_dir() -> Path:
 
 
 def sha256_file(path: str | Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB pieces (assets can be hundreds of MB)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

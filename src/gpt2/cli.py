@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "gpt2.commands.export",
     "gpt2.commands.tokenizer",
     "gpt2.commands.eval",
+    "gpt2.commands.plot",
 )
 
 
@@ -33,6 +34,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (the usage is one ``--help`` away)."""
 
     def error(self, message: str) -> NoReturn:
+        """Print ``message`` as one line and exit with status 2."""
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -44,6 +46,7 @@ class _TqdmHandler(logging.Handler):
 
 
 def build_parser() -> ArgumentParser:
+    """The full parser: global options, then one subparser per module in `COMMAND_MODULES`."""
     parser = ArgumentParser(
         prog="gpt2",
         description="GPT-2 from scratch: prepare data, train, sample, evaluate, export, serve.",
@@ -58,6 +61,7 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command in ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

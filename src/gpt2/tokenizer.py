@@ -29,7 +29,8 @@ class Tokenizer(ABC):
 
     @property
     @abstractmethod
-    def vocab_size(self) -> int: ...
+    def vocab_size(self) -> int:
+        """The number of ids, special tokens included: the model's ``vocab_size``."""
 
     @property
     def eot_token(self) -> int | None:
@@ -37,10 +38,13 @@ class Tokenizer(ABC):
         return None
 
     @abstractmethod
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str) -> list[int]:
+        """The ids of ``text``; `UserError` if it cannot be encoded (a character outside a
+        character vocabulary, a special token written in user text)."""
 
     @abstractmethod
-    def decode(self, ids: Iterable[int]) -> str: ...
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of ``ids``; invalid UTF-8 from a byte-level vocabulary becomes U+FFFD."""
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """The raw bytes of ``ids``; a byte-level tokenizer can split a character across ids."""
@@ -72,6 +76,7 @@ class CharTokenizer(Tokenizer):
 
     @classmethod
     def from_text(cls, text: str) -> CharTokenizer:
+        """The vocabulary of every distinct character in ``text``."""
         return cls(set(text))
 
     @property
@@ -96,6 +101,7 @@ class CharTokenizer(Tokenizer):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CharTokenizer:
+        """Rebuild from `to_dict`'s output (``{"type": "char", "chars": [...]}``)."""
         return cls(data["chars"])
 
 
@@ -191,6 +197,7 @@ class GPT2Tokenizer(Tokenizer):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GPT2Tokenizer:
+        """GPT-2's fixed vocabulary: the description holds nothing but its type."""
         return cls()
 
 
@@ -206,6 +213,8 @@ TOKENIZER_MODULES = {"bpe": "gpt2.bpe"}
 
 
 def tokenizer_from_dict(data: dict[str, Any]) -> Tokenizer:
+    """The tokenizer a ``tokenizer.json`` describes, by its ``type`` (`TOKENIZER_TYPES`); a type
+    whose module registers it on import (`TOKENIZER_MODULES`) is imported first."""
     kind = data.get("type")
     if kind not in TOKENIZER_TYPES and kind in TOKENIZER_MODULES:
         importlib.import_module(TOKENIZER_MODULES[kind])

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``gpt2 prepare`` to the command line."""
     p = sub.add_parser(
         "prepare",
         help="tokenize text files, JSONL, Parquet or a Hugging Face dataset into token files",
@@ -66,6 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """One text file to ``train.bin``/``val.bin``, anything else to shards (module docstring)."""
     if args.input and args.hf_dataset:
         raise UserError("give --input or --hf-dataset, not both")
     inputs = args.input or ([] if args.hf_dataset else [fetch("tinyshakespeare/input.txt")])

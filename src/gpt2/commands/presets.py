@@ -11,7 +11,13 @@ from gpt2.model import GPT
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("presets", help="list the model presets and their parameter counts")
+    """Add ``gpt2 presets`` to the command line."""
+    p = sub.add_parser(
+        "presets",
+        help="list the model presets and their parameter counts",
+        description="List the model shapes `gpt2 train --model` accepts, with their parameter "
+        "counts (each parameter counted once: the output head shares the token embedding).",
+    )
     p.add_argument(
         "--vocab-size",
         type=int,
@@ -22,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Print one line per preset; the models are built on the meta device (no memory)."""
     print(
         f"{'preset':<12} {'layers':>6} {'heads':>5} {'width':>5} {'context':>7} {'vocab':>6} {'parameters':>14}"
     )
