@@ -25,6 +25,7 @@ from gpt2.evaluate import (
     sliding_windows,
 )
 from gpt2.model import GPT
+from gpt2.shards import shard_header
 from gpt2.tokenizer import CharTokenizer, GPT2Tokenizer
 
 DATA = Path(__file__).parent / "data"
@@ -191,11 +192,17 @@ def test_perplexity_falls_when_windows_overlap(overfit: Path) -> None:
     assert figures[BLOCK] > 1.05 * max(figures[BLOCK // 2], figures[BLOCK // 4]), figures
 
 
-def test_token_file_gives_the_same_figures_as_its_text(overfit: Path, tmp_path: Path) -> None:
+def test_token_files_give_the_same_figures_as_their_text(overfit: Path, tmp_path: Path) -> None:
     ckpt = load_checkpoint(overfit)
     ids = np.asarray(ckpt.tokenizer.encode(TEXT.read_text(encoding="utf-8")), dtype=np.uint16)
     ids.tofile(tmp_path / "val.bin")
+    with (tmp_path / "val_000000.bin").open("wb") as f:  # llm.c's shard: a header, then ids
+        f.write(shard_header(len(ids), ids.dtype))
+        f.write(ids.tobytes())
     from_text = evaluate_task(ckpt.model, ckpt.tokenizer, "perplexity", data=TEXT, stride=16)
+    shard = tmp_path / "val_000000.bin"
+    from_shard = evaluate_task(ckpt.model, ckpt.tokenizer, "perplexity", data=shard, stride=16)
+    assert from_shard == pytest.approx(from_text)
     from_bin = evaluate_task(
         ckpt.model, ckpt.tokenizer, "perplexity", data=tmp_path / "val.bin", stride=16
     )
