@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gpt2.model import GPT
 from gpt2.serve.completions import Completions, plan
-from gpt2.serve.engine import DecodeEngine, RecomputeEngine
+from gpt2.serve.engine import DecodeEngine, make_engine
 from gpt2.serve.errors import APIError, install_error_handlers
 from gpt2.serve.limits import Limits
 from gpt2.serve.scheduler import Scheduler
@@ -56,7 +56,7 @@ def create_app(
 ) -> FastAPI:
     """An app serving ``model``; its scheduler starts with the app and stops with it."""
     limits = limits or Limits()
-    engine = engine or RecomputeEngine(model, limits.max_batch)
+    engine = engine or make_engine(model.eval(), limits.max_batch)
     scheduler = Scheduler(engine, limits.max_queue)
     context = engine.context
     vocab_size = model.config.vocab_size

@@ -4,6 +4,9 @@ The scheduler thinks in *slots*: a sequence is prefilled into a free slot, then 
 feeds the last token of each active slot and gets back one row of logits per slot. Any engine with
 these three methods will do (`DecodeEngine`).
 
+`make_engine` picks the KV-cache engine of `gpt2.generate` (``KVCacheEngine``: each step feeds one
+token per slot) and falls back to `RecomputeEngine` where that module has none.
+
 `RecomputeEngine` is the simplest exact one: it keeps each slot's tokens and runs the model over
 all of them at every step, right-padded into one batch. Under a causal mask a position never sees
 the positions after it, so the padding cannot change a row's last logits; no attention mask is
@@ -34,6 +37,15 @@ class DecodeEngine(Protocol):
     def release(self, slot: int) -> None:
         """Forget the slot's sequence; it may be prefilled again."""
         ...
+
+
+def make_engine(model: GPT, slots: int) -> DecodeEngine:
+    """The fastest engine available for ``model`` with ``slots`` slots."""
+    try:
+        from gpt2.generate import KVCacheEngine
+    except ImportError:
+        return RecomputeEngine(model, slots)
+    return KVCacheEngine(model, slots)
 
 
 class RecomputeEngine:

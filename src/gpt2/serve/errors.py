@@ -78,11 +78,18 @@ def validation_error(exc: RequestValidationError) -> APIError:
     if first.get("type") == "missing":
         return APIError(400, f"missing required argument: {param}", param=param)
     if not loc:
-        return APIError(400, f"the request body must be a JSON object ({first.get('msg')})")
+        hint = (
+            " sent with Content-Type: application/json"
+            if isinstance(first.get("input"), bytes)
+            else ""
+        )
+        return APIError(400, f"the request body must be a JSON object{hint}")
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if first.get("type") == "value_error":  # our own validators: their sentence is the message
+        return APIError(400, f"{param}: {message}", param=param)
     if param in UNION_TYPES:
         return APIError(400, f"{param} must be {UNION_TYPES[param]}", param=param)
-    where = ".".join(loc)
-    return APIError(400, f"{where}: {first.get('msg', 'invalid value')}", param=param)
+    return APIError(400, f"{'.'.join(loc)}: {message}", param=param)
 
 
 def install_error_handlers(app: FastAPI) -> None:

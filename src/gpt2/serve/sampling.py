@@ -13,6 +13,7 @@ temperature, top_p and penalties, as OpenAI reports them.
 
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass, field
 
@@ -72,51 +73,62 @@ class SequenceSampler:
 
 @torch.no_grad()
 def sample(logits: torch.Tensor, rows: list[SequenceSampler]) -> list[Sampled]:
-    """One token for each row of ``logits`` (B, V), chosen by the settings of ``rows[b]``."""
-    logits = logits.float()
-    logprobs = torch.log_softmax(logits, dim=-1)  # (B, V): what the client is told
-    adjusted = _adjusted_logits(logits, rows)  # (B, V): what is sampled from
-    tokens = [0] * len(rows)
+    """One token for each row of ``logits`` (B, V), chosen by the settings of ``rows[b]``.
+
+    ``logits`` is changed in place (bias and penalties): pass a tensor that is not needed after.
+    Rows that did not ask for log probabilities get ``logprob`` NaN and no alternatives: the
+    (B, V) log-softmax is a large part of a step's sampling cost, so it is done only where asked.
+    """
+    logits = logits.float().contiguous()  # (an expanded view cannot be written in place)
+    B = len(rows)
+    scored = [b for b, r in enumerate(rows) if r.params.logprobs is not None]
+    logprobs = None
+    if scored:  # (s, V), the model's own distribution, before any adjustment
+        logprobs = torch.log_softmax(logits if len(scored) == B else logits[scored], dim=-1)
+    _adjust_(logits, rows)
+    tokens = [0] * B
 
     greedy = [b for b, r in enumerate(rows) if r.params.greedy]
     if greedy:
-        for b, t in zip(greedy, adjusted[greedy].argmax(dim=-1).tolist(), strict=True):
+        picked = (logits if len(greedy) == B else logits[greedy]).argmax(dim=-1)
+        for b, t in zip(greedy, picked.tolist(), strict=True):
             tokens[b] = t
     drawn = [b for b, r in enumerate(rows) if not r.params.greedy]
     if drawn:
-        temps = torch.tensor([rows[b].params.temperature for b in drawn], device=logits.device)
-        probs = torch.softmax(adjusted[drawn] / temps[:, None], dim=-1)  # (b, V)
-        u = torch.tensor([rows[b].uniform() for b in drawn], device=logits.device)  # (b,)
-        top_p = torch.tensor([rows[b].params.top_p for b in drawn], device=logits.device)
+        device = logits.device
+        temps = torch.tensor([rows[b].params.temperature for b in drawn], device=device)
+        probs = torch.softmax(
+            (logits if len(drawn) == B else logits[drawn]) / temps[:, None], dim=-1
+        )
+        u = torch.tensor([rows[b].uniform() for b in drawn], device=device)  # (b,)
+        top_p = torch.tensor([rows[b].params.top_p for b in drawn], device=device)
         for b, t in zip(drawn, _draw(probs, u, top_p), strict=True):
             tokens[b] = t
 
-    chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
-    tops = _top_alternatives(logprobs, rows)
-    return [Sampled(t, lp, top) for t, lp, top in zip(tokens, chosen, tops, strict=True)]
+    picks = [Sampled(t, math.nan) for t in tokens]
+    if logprobs is not None:
+        ids = torch.tensor([tokens[b] for b in scored], device=logits.device)[:, None]
+        chosen = logprobs.gather(1, ids)[:, 0].tolist()
+        tops = _top_alternatives(logprobs, [rows[b].params.logprobs or 0 for b in scored])
+        for b, lp, top in zip(scored, chosen, tops, strict=True):
+            picks[b] = Sampled(tokens[b], lp, top)
+    return picks
 
 
-def _adjusted_logits(logits: torch.Tensor, rows: list[SequenceSampler]) -> torch.Tensor:
-    """Logit bias, then OpenAI's penalties on the tokens generated so far:
+def _adjust_(logits: torch.Tensor, rows: list[SequenceSampler]) -> None:
+    """Logit bias, then OpenAI's penalties on the tokens generated so far, in place:
     ``logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty``."""
-    needs = [
-        b for b, r in enumerate(rows) if r.params.logit_bias or (r.params.penalised and r.generated)
-    ]
-    if not needs:
-        return logits
-    adjusted = logits.clone()
     vocab = logits.size(-1)
-    for b in needs:
-        p = rows[b].params
+    for b, r in enumerate(rows):
+        p = r.params
         if p.logit_bias:
             ids = torch.tensor([i for i, _ in p.logit_bias], device=logits.device)
             bias = torch.tensor([v for _, v in p.logit_bias], device=logits.device)
-            adjusted[b].index_add_(0, ids, bias)
-        if p.penalised and rows[b].generated:
-            seen = torch.tensor(rows[b].generated, device=logits.device)
-            counts = torch.bincount(seen, minlength=vocab).to(adjusted.dtype)  # (V,)
-            adjusted[b] -= counts * p.frequency_penalty + (counts > 0) * p.presence_penalty
-    return adjusted
+            logits[b].index_add_(0, ids, bias.to(logits.dtype))
+        if p.penalised and r.generated:
+            seen = torch.tensor(r.generated, device=logits.device)
+            counts = torch.bincount(seen, minlength=vocab).to(logits.dtype)  # (V,)
+            logits[b] -= counts * p.frequency_penalty + (counts > 0) * p.presence_penalty
 
 
 def _draw(probs: torch.Tensor, u: torch.Tensor, top_p: torch.Tensor) -> list[int]:
@@ -152,18 +164,17 @@ def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def _top_alternatives(
-    logprobs: torch.Tensor, rows: list[SequenceSampler]
+    logprobs: torch.Tensor, counts: list[int]
 ) -> list[tuple[tuple[int, float], ...] | None]:
-    tops: list[tuple[tuple[int, float], ...] | None] = [None] * len(rows)
-    wants = [b for b, r in enumerate(rows) if r.params.logprobs]
-    if not wants:
-        return tops
-    k = max(rows[b].params.logprobs or 0 for b in wants)
-    values, ids = torch.topk(logprobs[wants], k, dim=-1)  # (w, k)
-    for b, v, i in zip(wants, values.tolist(), ids.tolist(), strict=True):
-        n = rows[b].params.logprobs or 0
-        tops[b] = tuple(zip(i[:n], v[:n], strict=True))
-    return tops
+    """The ``counts[i]`` most likely tokens of row i of ``logprobs`` (s, V), with their scores."""
+    k = max(counts)
+    if k == 0:
+        return [() for _ in counts]
+    values, ids = torch.topk(logprobs, k, dim=-1)  # (s, k)
+    return [
+        tuple(zip(i[:n], v[:n], strict=True))
+        for n, v, i in zip(counts, values.tolist(), ids.tolist(), strict=True)
+    ]
 
 
 @torch.no_grad()

@@ -172,8 +172,7 @@ class Scheduler:
                     if not seq.cancelled:
                         seq.slot = self._free.pop()
                         admitted.append(seq)
-            for seq in admitted:
-                self._prefill(seq)
+            self._prefill_all(admitted)
             self._drop_cancelled()
             if self._active:
                 self._decode_step()
@@ -182,6 +181,31 @@ class Scheduler:
             self._waiting.clear()
         for seq in left:
             self._end(seq, Event(seq.index, error="the server is shutting down"))
+
+    def _prefill_all(self, seqs: list[Sequence]) -> None:
+        """Prefill newly admitted sequences: in one forward pass where the engine can
+        (``prefill_batch``), one by one where a sequence needs more than its last logits."""
+        together = [s for s in seqs if s.params.max_tokens > 0 and not s.params.echo_logprobs]
+        batched = getattr(self.engine, "prefill_batch", None)
+        if batched is None or len(together) < 2:
+            together = []
+        for seq in seqs:
+            if seq not in together:
+                self._prefill(seq)
+        if not together:
+            return
+        try:
+            logits = batched([s.slot for s in together], [s.prompt for s in together])  # (B, V)
+            picks = sample(logits, [s.sampler for s in together])
+        except Exception as e:
+            log.exception("batched prefill failed")
+            for s in together:
+                self._end(s, Event(s.index, error=f"generation failed: {type(e).__name__}"))
+            return
+        with self._cond:
+            self._active.extend(together)
+        for s, pick in zip(together, picks, strict=True):
+            self._accept(s, pick)
 
     def _prefill(self, seq: Sequence) -> None:
         p = seq.params

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # A token id list may be sent instead of text, as OpenAI allows: "prompt": [15496, 11] or
 # "prompt": [[15496], [11]] (several prompts, each a list of ids).
@@ -70,6 +70,17 @@ class CompletionRequest(BaseModel):
     best_of: int | None = Field(None, ge=1, description="accepted only when equal to n")
     suffix: str | None = Field(None, description="not supported: only null or empty")
     user: str | None = Field(None, max_length=256, description="ignored")
+
+    @field_validator("prompt", "stop")
+    @classmethod
+    def _no_lone_surrogates(cls, value: object) -> object:
+        """JSON may escape half of a UTF-16 pair ("\\ud800"); such text cannot be encoded as
+        UTF-8, so it could not be echoed or streamed back: refused here, with a 400."""
+        texts = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        for text in texts:
+            if isinstance(text, str) and any("\ud800" <= c <= "\udfff" for c in text):
+                raise ValueError("text must be valid Unicode (it has a lone UTF-16 surrogate)")
+        return value
 
 
 class Logprobs(BaseModel):

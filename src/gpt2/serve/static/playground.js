@@ -34,7 +34,7 @@ function colour(p) {
 
 function percent(logprob) {
   const p = Math.exp(logprob) * 100;
-  return p >= 10 ? `${p.toFixed(0)}%` : p >= 0.1 ? `${p.toFixed(1)}%` : `${p.toExponential(0)}%`;
+  return p >= 10 ? `${p.toFixed(0)}%` : p >= 0.1 ? `${p.toFixed(1)}%` : "<0.1%";
 }
 
 function visible(text) {

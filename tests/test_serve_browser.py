@@ -1,0 +1,122 @@
+"""The playground, end to end, in headless Chromium: type a prompt, press Generate, watch it stream.
+
+Debian's ``chromium`` package is driven through Playwright (its own browser download needs a
+network). Without chromium the test is skipped, except in CI (``CI`` set), where it must run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+sync_api = pytest.importorskip("playwright.sync_api")
+
+from gpt2.config import GPTConfig  # noqa: E402
+from gpt2.model import GPT  # noqa: E402
+from gpt2.serve.app import create_app  # noqa: E402
+from gpt2.serve.engine import RecomputeEngine  # noqa: E402
+from gpt2.serve.live import running_server  # noqa: E402
+from gpt2.tokenizer import GPT2Tokenizer  # noqa: E402
+
+CHROMIUM = os.environ.get("GPT2_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+WAIT_MS = 30_000
+
+
+class StepByStep(RecomputeEngine):
+    """Each decode step waits for the test's go-ahead, so text can be seen arriving mid-stream."""
+
+    def __init__(self, model: GPT, slots: int) -> None:
+        super().__init__(model, slots)
+        self.go = threading.Event()
+
+    def decode(self, slots, ids):
+        if not self.go.wait(WAIT_MS / 1000):
+            raise RuntimeError("the test never let decoding go on")
+        return super().decode(slots, ids)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("CI"):
+            pytest.fail(f"chromium not found at {CHROMIUM}: .ci/run installs Debian's chromium")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=WAIT_MS)
+        yield b
+        b.close()
+
+
+def test_playground_streams_coloured_tokens_with_alternatives(browser):
+    tok = GPT2Tokenizer()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=tok.vocab_size))
+    engine = StepByStep(model.eval(), slots=2)
+    app = create_app(model, tok, model_name="tiny-browser", engine=engine)
+    with running_server(app) as url:
+        page = browser.new_page()
+        try:
+            page.goto(url, timeout=WAIT_MS)
+            sync_api.expect(page.locator("#model")).to_contain_text("tiny-browser", timeout=WAIT_MS)
+            page.fill("#max_tokens", "12")
+            page.fill("#seed", "3")
+            page.fill("#prompt", "Once upon a time")
+            page.click("#generate")
+
+            # The first token (from the prefill) is on the page while decoding is held: streamed.
+            tokens = page.locator("#output .tok")
+            sync_api.expect(tokens).to_have_count(1, timeout=WAIT_MS)
+            assert page.locator("#generate").is_disabled()
+            assert page.locator("#stop").is_enabled()
+            assert page.locator("#output .prompt").inner_text() == "Once upon a time"
+
+            engine.go.set()
+            sync_api.expect(page.locator("#stats")).to_contain_text("finished", timeout=WAIT_MS)
+            assert page.locator("#error").is_hidden()
+            count = tokens.count()
+            assert 1 < count <= 12
+            output = page.locator("#output").inner_text()
+            assert output.startswith("Once upon a time") and len(output) > len("Once upon a time")
+
+            # Each token is coloured by its probability and shows its alternatives on hover.
+            first = tokens.nth(0)
+            assert first.evaluate("el => el.style.background") != ""
+            first.hover()
+            tooltip = page.locator("#tooltip")
+            sync_api.expect(tooltip).to_be_visible(timeout=WAIT_MS)
+            assert 5 <= tooltip.locator("tr").count() <= 6  # 5 alternatives (+ the chosen one)
+            assert tooltip.locator("tr.chosen").count() == 1
+        finally:
+            engine.go.set()
+            page.close()
+
+
+def test_playground_shows_the_servers_error_message(browser):
+    tok = GPT2Tokenizer()
+    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=16, vocab_size=tok.vocab_size))
+    with running_server(create_app(model.eval(), tok)) as url:
+        page = browser.new_page()
+        try:
+            page.goto(url, timeout=WAIT_MS)
+            page.fill("#max_tokens", "500")
+            page.fill("#prompt", "Hello")
+            page.click("#generate")
+            error = page.locator("#error")
+            sync_api.expect(error).to_contain_text("max_tokens must be at most 16", timeout=WAIT_MS)
+            assert page.locator("#generate").is_enabled()
+        finally:
+            page.close()
