@@ -101,13 +101,12 @@ def test_sample_is_reproducible_and_keeps_prompt(
     assert first.startswith("First") and len(first.rstrip("\n")) == len("First") + 20
 
 
-def test_sample_crops_a_long_prompt(trained: Path, capsys: pytest.CaptureFixture) -> None:
-    prompt = "hear me speak. " * 10  # 150 characters, context is 32
-    assert (
-        main(["sample", "--checkpoint", str(trained), "--prompt", prompt, "--max-new-tokens", "5"])
-        == 0
-    )
-    assert capsys.readouterr().out.startswith(prompt)
+def test_sample_refuses_a_prompt_longer_than_the_context(
+    trained: Path, capsys: pytest.CaptureFixture
+) -> None:
+    prompt = "hear me speak. " * 10  # 150 characters, context is 32 (issue 5: an error, not a crop)
+    err = run_cli_error(["sample", "--checkpoint", str(trained), "--prompt", prompt], capsys)
+    assert "prompt 0 has 150 tokens; the model's context holds 32" in err
 
 
 def run_cli_error(argv: list[str], capsys: pytest.CaptureFixture) -> str:

@@ -13,12 +13,16 @@ References:
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt2.config import GPTConfig
+
+if TYPE_CHECKING:
+    from gpt2.kv_cache import KVCache
 
 
 class CausalSelfAttention(nn.Module):
@@ -34,18 +38,28 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
         B, T, C = x.shape  # batch, time (tokens), channels (n_embd)
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         hs = C // self.n_head
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        # softmax(q k^T / sqrt(hs) + causal mask) v, by PyTorch's fused kernel (flash or
-        # memory-efficient where available): the (T, T) score matrix is never stored for backward.
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, nh, T, hs)
+        if cache is None:
+            # softmax(q k^T / sqrt(hs) + causal mask) v, by PyTorch's fused kernel (flash or
+            # memory-efficient where available): the (T, T) score matrix is never stored for backward.
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            )  # (B, nh, T, hs)
+        else:
+            # Decoding: the T new positions attend to every earlier key of their row, kept in
+            # the cache; the mask also hides a row's left padding.
+            k, v = cache.update(layer, k, v)  # (B, nh, L, hs), L >= T
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=cache.attn_mask, is_causal=cache.is_causal
+            )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -76,8 +90,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -133,18 +149,34 @@ class GPT(nn.Module):
         return n
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for every position of ``idx`` (B, T), and the mean cross-entropy if
-        ``targets`` (B, T) are given; target -1 marks a position that is not scored."""
+        ``targets`` (B, T) are given; target -1 marks a position that is not scored.
+
+        For decoding (`gpt2.generate`): with a ``cache``, ``idx`` continues each cached row and
+        is stored in it (positions count on from the row's length); ``last_only`` computes logits
+        for the last position only, (B, 1, V), all that choosing the next token needs.
+        """
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
+        if cache is None:
+            if self.config.block_size < T:
+                raise ValueError(
+                    f"sequence of {T} tokens is longer than block_size {self.config.block_size}"
+                )
+            pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
+        else:
+            pos = cache.begin(T)  # (B, T): each row's positions go on from its cached length
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         x = self.transformer.drop(x)
-        for block in self.transformer.h:
-            x = block(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache, i)
+        if last_only:
+            x = x[:, -1:, :]  # (B, 1, C)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = None

@@ -1,50 +1,164 @@
-"""``gpt2 sample``: generate text from a checkpoint."""
+"""``gpt2 sample``: generate text from a checkpoint (see `gpt2.generate` for the rules)."""
 
 from __future__ import annotations
 
 import argparse
-
-import torch
+import dataclasses
+import sys
 
 from gpt2.checkpoint import load_checkpoint
 from gpt2.errors import UserError
-from gpt2.generate import generate
+from gpt2.generate import SamplingParams, complete, stream
+from gpt2.quantize import QUANTIZE_MODES, prepare_for_decoding
 from gpt2.train import resolve_device
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="generate text from a checkpoint")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder (or the run folder holding ckpt/)")
+    p.add_argument(
+        "--checkpoint", required=True, help="checkpoint folder (or the run folder holding ckpt/)"
+    )
     p.add_argument("--prompt", default="", help="text to continue (default: start of text)")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per sample (default: 200)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy; higher is more random (default: 0.8)")
-    p.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens (default: 200; 0: all)")
-    p.add_argument("--seed", type=int, default=1337, help="random seed: the same seed gives the same text")
-    p.add_argument("--num-samples", type=int, default=1, help="how many samples (default: 1)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=200,
+        help="tokens to generate per sample (default: 200)",
+    )
+    g = p.add_argument_group("decoding")
+    g.add_argument(
+        "--temperature",
+        type=float,
+        default=0.8,
+        help="0 is greedy; higher is more random (default: 0.8)",
+    )
+    g.add_argument(
+        "--top-k",
+        type=int,
+        default=200,
+        help="sample among the k most likely tokens (default: 200; 0: all)",
+    )
+    g.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="nucleus: the fewest tokens with this much probability, in (0, 1] (default: 1, off)",
+    )
+    g.add_argument(
+        "--min-p",
+        type=float,
+        default=0.0,
+        help="drop tokens less likely than this times the top token's probability (default: 0, off)",
+    )
+    g.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="CTRL's penalty on tokens already seen, > 1 discourages them (default: 1, off)",
+    )
+    g.add_argument(
+        "--presence-penalty",
+        type=float,
+        default=0.0,
+        help="subtracted from tokens generated at least once (default: 0)",
+    )
+    g.add_argument(
+        "--frequency-penalty",
+        type=float,
+        default=0.0,
+        help="subtracted per earlier occurrence in the output (default: 0)",
+    )
+    g.add_argument(
+        "--num-beams",
+        type=int,
+        default=1,
+        help="beam search with this many beams; deterministic (default: 1, off)",
+    )
+    g.add_argument(
+        "--length-penalty",
+        type=float,
+        default=1.0,
+        help="beam search: score = logprob / length ** this (default: 1)",
+    )
+    g.add_argument(
+        "--early-stopping",
+        action="store_true",
+        help="beam search: stop once num-beams beams have ended",
+    )
+    s = p.add_argument_group("stopping and output")
+    s.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="end the text before this string (repeatable)",
+    )
+    s.add_argument(
+        "--ignore-eot", action="store_true", help="keep going past the end-of-text token"
+    )
+    s.add_argument(
+        "--seed", type=int, default=1337, help="random seed: the same seed gives the same text"
+    )
+    s.add_argument("--num-samples", type=int, default=1, help="how many samples (default: 1)")
+    s.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    r = p.add_argument_group("speed")
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    r.add_argument(
+        "--quantize", choices=QUANTIZE_MODES, default="none",
+        help="int8: int8 weights for faster CPU decoding, at a small cost in quality (default: none)",
+    )  # fmt: skip
     p.set_defaults(func=run)
 
 
+def params_from_args(args: argparse.Namespace) -> SamplingParams:
+    try:
+        params = SamplingParams(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k or None,
+            top_p=args.top_p,
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
+            presence_penalty=args.presence_penalty,
+            frequency_penalty=args.frequency_penalty,
+            stop=tuple(args.stop),
+            ignore_eot=args.ignore_eot,
+            seed=args.seed,
+            num_return_sequences=args.num_samples,
+            num_beams=args.num_beams,
+            length_penalty=args.length_penalty,
+            early_stopping=args.early_stopping,
+        ).validate()
+    except UserError as e:  # name the flag, not the field
+        flag = "--" + str(e).replace("_", "-").replace("num-return-sequences", "num-samples")
+        raise UserError(flag) from None
+    if args.stream and args.num_beams > 1:
+        raise UserError("--stream needs --num-beams 1: beams change until the search ends")
+    return params
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.max_new_tokens < 0:
-        raise UserError("--max-new-tokens must not be negative")
-    if args.temperature < 0:
-        raise UserError("--temperature must not be negative")
-    if args.top_k < 0 or args.num_samples < 1:
-        raise UserError("--top-k must be >= 0 and --num-samples >= 1")
+    params = params_from_args(args)
     device = resolve_device(args.device)
     ckpt = load_checkpoint(args.checkpoint, device)
-    model, tok = ckpt.model.eval(), ckpt.tokenizer
-    prompt = tok.encode(args.prompt) if args.prompt else []
-    if not prompt:
-        prompt = [tok.eot_token] if tok.eot_token is not None else tok.encode("\n")
-    # Cropped from the left: the model sees only the last block_size tokens anyway.
-    prompt = prompt[-model.config.block_size :]
-    g = torch.Generator(device=device).manual_seed(args.seed)
-    idx = torch.tensor([prompt] * args.num_samples, dtype=torch.long, device=device)
-    out = generate(model, idx, args.max_new_tokens, args.temperature, args.top_k or None, generator=g)
-    for i, row in enumerate(out.tolist()):
+    model, tok = prepare_for_decoding(ckpt.model, args.quantize), ckpt.tokenizer
+    prompt = args.prompt
+    if not prompt and tok.eot_token is None:
+        prompt = "\n"  # a character vocabulary has no end-of-text: start from a new line
+    if args.stream:
+        for i in range(args.num_samples):
+            if args.num_samples > 1:
+                print(f"--- sample {i + 1} ---")
+            print(args.prompt, end="", flush=True)
+            # Sample i of a batch uses seed + i (gpt2.generate): streamed, it is the same text.
+            one = dataclasses.replace(params, seed=params.seed + i, num_return_sequences=1)
+            for piece in stream(model, tok, prompt, one):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            print()
+        return 0
+    for i, c in enumerate(complete(model, [prompt], params, tok)):
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
-        print(args.prompt + tok.decode(row[len(prompt) :]))
+        print(args.prompt + (c.text or ""))
     return 0

@@ -1,0 +1,195 @@
+"""The key/value cache: what decoding keeps so that each new token costs one position, not all.
+
+Without a cache, generating token t re-runs the model over all t tokens before it. Keys and values
+of a position never change once computed (attention is causal), so they are stored here, one
+preallocated tensor pair per layer, and each decode step feeds only the newest token.
+
+Layout: ``k[layer]`` and ``v[layer]`` are (rows, n_head, max_len, head_size). A *row* holds one
+sequence. Each row keeps two indices:
+
+- ``start``: the cache index of its first real token. Positions before it are left padding (a
+  batch of prompts of different lengths is right-aligned so that all rows decode in step); they are
+  masked out of attention and do not count as positions: position id = index - start.
+- ``end``: the index where its next token will be written.
+
+Rows need not move together: each one writes at its own ``end``, so sequences that started at
+different times (a server's slots) decode in one batch. A forward pass may also use a subset of
+rows (`select`), reading and writing only those.
+
+The model sees the cache through three calls, made by `gpt2.model.GPT.forward`:
+`begin` (reserve T positions per row, get their position ids), `update` (per layer: store the new
+keys/values, get all of the row's keys/values so far) and the mask attributes for attention.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from gpt2.config import GPTConfig
+
+
+class KVCache:
+    """Keys and values of every layer for ``batch`` rows of up to ``max_len`` positions each."""
+
+    def __init__(
+        self,
+        config: GPTConfig,
+        batch: int,
+        max_len: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if batch < 1 or max_len < 1:
+            raise ValueError(
+                f"a cache needs at least one row and one position, got {batch}x{max_len}"
+            )
+        shape = (config.n_layer, batch, config.n_head, max_len, config.head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.block_size = config.block_size
+        self.max_len = max_len
+        self.start = [0] * batch  # per row: index of the first real token (left padding before)
+        self.end = [0] * batch  # per row: index of the next token to write
+        self.rows = list(range(batch))  # the rows a forward pass through this object uses
+        # Set by `begin` for the forward pass in progress.
+        self.attn_mask: torch.Tensor | None = None  # (B, 1, T, L) True where attention may look
+        self.is_causal = False  # no mask needed beyond the plain causal one (L == T)
+        self._length = 0  # L: keys attended to, indices [0, L)
+        self._slice: tuple[int, int, int] | None = None  # (row0, row1, end) when writes are a slice
+        self._row_index: torch.Tensor | None = None  # (B, 1) rows, for the general write
+        self._write_index: torch.Tensor | None = None  # (B, T) cache index of each new token
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, batch: int, max_len: int | None = None) -> KVCache:
+        """A cache shaped for ``model`` (a `GPT`), on its device and in its dtype."""
+        p = model.transformer.wte.weight
+        dtype = p.dtype if p.dtype.is_floating_point else torch.float32
+        return cls(model.config, batch, max_len or model.config.block_size, p.device, dtype)
+
+    @property
+    def batch(self) -> int:
+        return self.k.size(1)
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    def select(self, rows: list[int]) -> KVCache:
+        """A view of this cache that runs a forward pass on ``rows`` only (storage is shared)."""
+        if not rows or any(not 0 <= r < self.batch for r in rows):
+            raise ValueError(
+                f"rows must be a non-empty list of indices below {self.batch}, got {rows}"
+            )
+        view = copy.copy(self)  # shares k, v and the start/end lists
+        view.rows = list(rows)
+        return view
+
+    def length(self, row: int) -> int:
+        """Real tokens held by ``row`` (its next position id)."""
+        return self.end[row] - self.start[row]
+
+    # The three calls the model makes --------------------------------------------------------
+
+    def begin(self, T: int) -> torch.Tensor:
+        """Reserve the next ``T`` positions of every selected row; their position ids (B, T).
+
+        Also prepares what `update` and attention need for this forward pass.
+        """
+        rows, start, end = self.rows, self.start, self.end
+        for r in rows:
+            if end[r] + T > self.max_len:
+                raise ValueError(
+                    f"cache row {r} is full: {end[r]} + {T} > {self.max_len} positions"
+                )
+            if end[r] - start[r] + T > self.block_size:
+                raise ValueError(
+                    f"cache row {r} would pass the context: {end[r] - start[r]} + {T} > {self.block_size}"
+                )
+        dev = self.device
+        ends = [end[r] for r in rows]
+        starts = [start[r] for r in rows]
+        L = max(ends) + T
+        self._length = L
+        steps = torch.arange(T, device=dev)  # (T,)
+        end_t = torch.tensor(ends, device=dev)  # (B,)
+        start_t = torch.tensor(starts, device=dev)  # (B,)
+        write = end_t[:, None] + steps  # (B, T): cache index of each new token
+        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+        same_end = all(e == ends[0] for e in ends)
+        self._slice = (rows[0], rows[-1] + 1, ends[0]) if contiguous and same_end else None
+        self._row_index = torch.tensor(rows, device=dev)[:, None]  # (B, 1)
+        self._write_index = write
+        no_padding = all(s == 0 for s in starts)
+        if no_padding and same_end and T == 1:
+            self.attn_mask, self.is_causal = None, False  # one query that sees every key
+        elif no_padding and same_end and ends[0] == 0:
+            self.attn_mask, self.is_causal = None, True  # a fresh prompt: plain causal attention
+        else:
+            keys = torch.arange(L, device=dev)  # (L,)
+            q = write[:, :, None]  # (B, T, 1)
+            # A key is visible if it is a real token of the row at or before the query. A padding
+            # query may see itself, so that its (ignored) output is finite rather than NaN.
+            visible = (keys <= q) & ((keys >= start_t[:, None, None]) | (keys == q))  # (B, T, L)
+            self.attn_mask, self.is_causal = visible[:, None], False  # (B, 1, T, L)
+        for r in rows:
+            end[r] += T
+        return (write - start_t[:, None]).clamp_(min=0)  # (B, T); padding gets position 0
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this layer's new keys/values (B, nh, T, hs); return all of them (B, nh, L, hs)."""
+        kb, vb, L = self.k[layer], self.v[layer], self._length  # kb: (rows, nh, max_len, hs)
+        if self._slice is not None:
+            r0, r1, e = self._slice
+            T = k.size(2)
+            kb[r0:r1, :, e : e + T] = k
+            vb[r0:r1, :, e : e + T] = v
+            return kb[r0:r1, :, :L], vb[r0:r1, :, :L]
+        rows, write = self._row_index, self._write_index  # (B, 1), (B, T)
+        # Advanced indices around a slice put their broadcast shape first: (B, T, nh, hs).
+        kb[rows, :, write] = k.transpose(1, 2)
+        vb[rows, :, write] = v.transpose(1, 2)
+        r = self.rows
+        if r == list(range(r[0], r[0] + len(r))):
+            return kb[r[0] : r[-1] + 1, :, :L], vb[r[0] : r[-1] + 1, :, :L]
+        index = rows[:, 0]
+        return kb[index, :, :L], vb[index, :, :L]  # gathered copies of the selected rows
+
+    # Row bookkeeping, for engines -----------------------------------------------------------
+
+    def reset(self, row: int) -> None:
+        """Forget ``row``'s tokens (the memory is reused, not cleared)."""
+        self.start[row] = self.end[row] = 0
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Make ``dst`` a copy of ``src`` (one prompt prefilled once, sampled several times)."""
+        n = self.end[src]
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.start[dst], self.end[dst] = self.start[src], n
+
+    def compact(self, row: int) -> None:
+        """Move ``row``'s tokens to the front, dropping its left padding; positions are unchanged
+        (they count from ``start``), so attention computes exactly what it did before."""
+        s, e = self.start[row], self.end[row]
+        if s == 0:
+            return
+        self.k[:, row, :, : e - s] = self.k[:, row, :, s:e].clone()
+        self.v[:, row, :, : e - s] = self.v[:, row, :, s:e].clone()
+        self.start[row], self.end[row] = 0, e - s
+
+    def reorder(self, src: list[int]) -> None:
+        """Row i becomes a copy of row ``src[i]``, for every row (beam search keeps the cache of
+        the beams it continues). Only the filled prefix is copied."""
+        if len(src) != self.batch:
+            raise ValueError(f"reorder needs one source per row ({self.batch}), got {len(src)}")
+        n = max(self.end)
+        index = torch.tensor(src, device=self.device)
+        self.k[:, :, :, :n] = self.k[:, index, :, :n]
+        self.v[:, :, :, :n] = self.v[:, index, :, :n]
+        # In place: views made by `select` share these lists.
+        self.start[:] = [self.start[s] for s in src]
+        self.end[:] = [self.end[s] for s in src]
