@@ -8,6 +8,7 @@ Servers bind 127.0.0.1 on a free port and are shut down by each test.
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import threading
 import time
@@ -429,3 +430,63 @@ def test_a_client_that_disconnects_stops_its_generation(model, tok):
             assert scheduler.stats().decoded_tokens <= 2  # one step each, not 2 x 60 tokens
         finally:
             engine.gate.set()
+
+
+# --- the command line -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(model, tok, tmp_path_factory) -> str:
+    from gpt2.checkpoint import save_checkpoint
+    from gpt2.config import TrainConfig
+
+    return str(
+        save_checkpoint(tmp_path_factory.mktemp("serve") / "tiny-ckpt", model, tok, TrainConfig())
+    )
+
+
+def test_gpt2_serve_starts_answers_and_stops(checkpoint):
+    import queue
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "gpt2", "serve", "--checkpoint", checkpoint, "--port", "0"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
+    try:
+        url = None
+        deadline = time.monotonic() + 60
+        while url is None and time.monotonic() < deadline:
+            line = lines.get(timeout=60)
+            if "serving" in line:  # serving tiny-ckpt on http://127.0.0.1:PORT (playground at /)
+                url = line.split(" on ")[1].split()[0]
+        assert url is not None and url.startswith("http://127.0.0.1:")
+        assert httpx.get(f"{url}/health", timeout=WAIT_S).json()["model"] == "tiny-ckpt"
+        r = httpx.post(
+            f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 3}, timeout=WAIT_S
+        )
+        assert r.json()["usage"]["completion_tokens"] == 3
+    finally:
+        proc.terminate()
+        # uvicorn shuts down gracefully, then lets SIGTERM end the process as it would have
+        assert proc.wait(timeout=WAIT_S) in (0, -signal.SIGTERM)
+    rest = []
+    while not lines.empty():
+        rest.append(lines.get())
+    assert "Traceback" not in "".join(rest)
+
+
+def test_gpt2_serve_bad_options_are_one_line(checkpoint, tmp_path, capsys):
+    from gpt2.cli import main
+
+    assert main(["serve", "--checkpoint", str(tmp_path / "missing")]) == 2
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert main(["serve", "--checkpoint", checkpoint, "--port", port]) == 2
+    assert main(["serve", "--checkpoint", checkpoint, "--max-n", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("gpt2 serve: error: ") for line in err)
+    assert "cannot listen on 127.0.0.1:" in err[1] and "--max-n must be at least 1" in err[2]

@@ -128,6 +128,9 @@ def run(args: argparse.Namespace) -> int:
         app = create_app(
             model.eval(), tokenizer, model_name=name, limits=limits, api_key=args.api_key
         )
+        c = model.config
+        slot_mib = 2 * c.n_layer * c.block_size * c.n_embd * 4 / 2**20  # fp32 keys and values
+        log.info("KV cache: %d slots x %.0f MiB (--max-batch)", limits.max_batch, slot_mib)
         host, port = sock.getsockname()[:2]
         log.info("serving %s on http://%s:%d (playground at /)", name, host, port)
         config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)

@@ -111,9 +111,7 @@ def create_app(
         job = Completions(scheduler, tokenizer, model_name, planned)
         job.submit()
         if planned.stream:
-            return StreamingResponse(
-                job.stream(), media_type="text/event-stream", headers=SSE_HEADERS
-            )
+            return CompletionStream(job)
         return await _until_done_or_gone(job, request)
 
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
@@ -148,6 +146,21 @@ async def _disconnected(request: Request) -> None:
     """Return when the client goes away (the body has been read: only a disconnect can come)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+class CompletionStream(StreamingResponse):
+    """Server-sent events of a request, whose sequences stop however the response ends: the
+    stream's own ``finally`` does not run if the client left before the first chunk."""
+
+    def __init__(self, job: Completions) -> None:
+        super().__init__(job.stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+        self.job = job
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancel()
 
 
 class ApiKeyAuth:

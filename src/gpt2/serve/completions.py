@@ -14,7 +14,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from gpt2.errors import UserError
 from gpt2.serve.errors import APIError
@@ -56,15 +56,9 @@ class Plan:
             for j in range(self.n):
                 params = self.params
                 if params.seed is not None:
-                    params = _replace(params, seed=params.seed + i * self.n + j)
+                    params = replace(params, seed=params.seed + i * self.n + j)
                 out.append((prompt, params))
         return out
-
-
-def _replace(params: SamplingParams, **changes: object) -> SamplingParams:
-    from dataclasses import replace
-
-    return replace(params, **changes)
 
 
 def plan(
