@@ -232,7 +232,8 @@ def _json_text(raw: bytes, field: str, stats: ReadStats) -> str | tuple[None, st
         return None, f"not valid JSON ({e.msg} at column {e.colno})"
     if not isinstance(record, dict) or not isinstance(record.get(field), str):
         return None, f"no string field {field!r}"
-    return without_surrogates(record[field], stats)
+    maybe_surrogates = b"\\ud" in raw or b"\\uD" in raw  # only a \uDxxx escape spells one
+    return without_surrogates(record[field], stats) if maybe_surrogates else record[field]
 
 
 def read_parquet(path: str, offset: int, line: int, stats: ReadStats, field: str) -> Iterator[Raw]:

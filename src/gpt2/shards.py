@@ -99,7 +99,16 @@ class ShardWriter:
     the checkpoint is removed.
     """
 
-    def __init__(self, folder: Path, split: str, shard_tokens: int, dtype: np.dtype, shard: int = 0, tokens: int = 0, documents: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        folder: Path,
+        split: str,
+        shard_tokens: int,
+        dtype: np.dtype,
+        shard: int = 0,
+        tokens: int = 0,
+        documents: int = 0,
+    ) -> None:
         self.folder, self.split, self.shard_tokens = folder, split, shard_tokens
         self.dtype = np.dtype(dtype).newbyteorder("<")
         self.shard, self.tokens, self.documents = shard, tokens, documents
@@ -264,7 +273,9 @@ def make_batches(pieces: Iterator[Any], stats: ReadStats, val_fraction: float) -
         yield Batch(batch, documents, piece.after, stats.to_dict())
 
 
-def encode_in_order(batches: Iterator[Batch], tokenizer: Tokenizer, workers: int, fast: bool) -> Iterator[tuple[Batch, tuple[np.ndarray, np.ndarray, int]]]:  # fmt: skip
+def encode_in_order(
+    batches: Iterator[Batch], tokenizer: Tokenizer, workers: int, fast: bool
+) -> Iterator[tuple[Batch, tuple[np.ndarray, np.ndarray, int]]]:
     """Each batch with its encoding, in input order; a bounded number of batches in flight."""
     if workers <= 1:
         encoder = BatchEncoder(tokenizer.to_dict(), fast)
@@ -319,7 +330,14 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def run_settings(sources: Sequence[Source], tokenizer: Tokenizer, shard_tokens: int, val_fraction: float, text_field: str, on_bad_line: str) -> dict[str, Any]:  # fmt: skip
+def run_settings(
+    sources: Sequence[Source],
+    tokenizer: Tokenizer,
+    shard_tokens: int,
+    val_fraction: float,
+    text_field: str,
+    on_bad_line: str,
+) -> dict[str, Any]:
     """Everything the output depends on; a resumed run must match it exactly."""
     described = json.dumps(tokenizer.to_dict(), sort_keys=True, ensure_ascii=False).encode("utf-8")
     return {
@@ -462,7 +480,18 @@ def prepare_shards(
     return meta
 
 
-def _run(sources: Sequence[Source], out: Path, tokenizer: Tokenizer, progress: Progress, writers: dict[str, ShardWriter], workers: int, text_field: str, on_bad_line: OnBadLine, fast: bool, show_progress: bool) -> None:  # fmt: skip
+def _run(
+    sources: Sequence[Source],
+    out: Path,
+    tokenizer: Tokenizer,
+    progress: Progress,
+    writers: dict[str, ShardWriter],
+    workers: int,
+    text_field: str,
+    on_bad_line: OnBadLine,
+    fast: bool,
+    show_progress: bool,
+) -> None:
     """Read, encode and write until the corpus ends, checkpointing as it goes."""
     stats = ReadStats(**progress.stats)
     pieces = read_corpus(sources, progress.position, stats, text_field, on_bad_line)
