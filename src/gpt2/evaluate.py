@@ -136,14 +136,15 @@ def score_rows(
             picked = logits[scored].float()  # (S, V)
             nll = F.cross_entropy(picked, y[scored], reduction="none")  # (S,)
             hit = picked.argmax(dim=-1) == y[scored]  # (S,)
-            row_of = torch.nonzero(scored)[:, 0]  # (S,) which batch row each scored token is in
-            sums = torch.zeros(len(batch), dtype=torch.float64, device=device)
-            sums.index_add_(0, row_of, nll.double())
-            misses = torch.zeros(len(batch), dtype=torch.long, device=device)
-            misses.index_add_(0, row_of, (~hit).long())
+            # Summed per row in float64 on the CPU (MPS has no float64): S numbers, cheap to move.
+            row_of = torch.nonzero(scored)[:, 0].cpu()  # (S,) the batch row of each scored token
+            sums = torch.zeros(len(batch), dtype=torch.float64)
+            sums.index_add_(0, row_of, nll.cpu().double())
+            misses = torch.zeros(len(batch), dtype=torch.long)
+            misses.index_add_(0, row_of, (~hit).cpu().long())
             idx = np.asarray(batch)
-            logprob[idx] = -sums.cpu().numpy()
-            greedy[idx] = (misses == 0).cpu().numpy()
+            logprob[idx] = -sums.numpy()
+            greedy[idx] = (misses == 0).numpy()
             bar.update(len(batch))
     finally:
         bar.close()
