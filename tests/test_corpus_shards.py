@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import gpt2.corpus
 import gpt2.shards
 from gpt2.bpe import BPETokenizer
 from gpt2.bpe_train import count_words, train_bpe
@@ -333,3 +334,31 @@ def test_trained_bpe_tokenizer_prepares_shards(tmp_path: Path, documents: list[s
     assert shard_bytes(tmp_path / "fast") == shard_bytes(tmp_path / "slow")
     train = np.concatenate(load_split_shards(tmp_path / "fast", "train"))
     assert train.max() == tok.eot_token == 499
+
+
+def test_network_failure_keeps_the_checkpoint(
+    tmp_path: Path, documents: list[str], gpt2_tok: GPT2Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows = documents[:300]
+
+    def stream(source: Source, offset: int, field: str, fail_at: int | None = None):
+        for n in range(offset, len(rows)):
+            if n == fail_at:
+                raise gpt2.corpus.ReadInterrupted(
+                    "cannot read dataset 'web/text': connection reset"
+                )
+            yield rows[n], True, n + 1, n + 1
+
+    hf = [Source("hf", "web/text")]
+    monkeypatch.setattr(gpt2.shards, "BATCH_CHARS", 2000)
+    monkeypatch.setattr(gpt2.corpus, "read_hf_dataset", stream)
+    whole = prepare(hf, tmp_path / "whole", gpt2_tok, shard_tokens=1000)
+    monkeypatch.setattr(
+        gpt2.corpus, "read_hf_dataset", lambda s, o, f: stream(s, o, f, fail_at=200)
+    )
+    with pytest.raises(UserError, match="connection reset; run the same command again to resume"):
+        prepare(hf, tmp_path / "cut", gpt2_tok, shard_tokens=1000)
+    assert (tmp_path / "cut" / "progress.json").is_file()
+    monkeypatch.setattr(gpt2.corpus, "read_hf_dataset", stream)
+    assert prepare(hf, tmp_path / "cut", gpt2_tok, shard_tokens=1000)["shards"] == whole["shards"]
+    assert shard_bytes(tmp_path / "cut") == shard_bytes(tmp_path / "whole")

@@ -98,6 +98,11 @@ class ReadStats:
         return asdict(self)
 
 
+class ReadInterrupted(UserError):
+    """Reading failed for a reason outside the corpus's content (the network, the Hub): a run
+    that has made progress keeps its checkpoint, and the same command resumes it."""
+
+
 # --- finding the inputs -------------------------------------------------------------------------
 
 
@@ -300,13 +305,8 @@ def read_hf_dataset(source: Source, offset: int, field: str) -> Iterator[Raw]:
             yield (text if isinstance(text, str) else ""), True, offset, offset
     except UserError:
         raise
-    except (
-        KeyError,
-        ValueError,
-        OSError,
-        FileNotFoundError,
-    ) as e:  # what datasets raises for a bad name
-        raise UserError(f"cannot read dataset {source.location!r}: {e}") from None
+    except (KeyError, ValueError, OSError) as e:  # a bad name or split, the network, the Hub
+        raise ReadInterrupted(f"cannot read dataset {source.location!r}: {e}") from None
 
 
 def read_source(

@@ -43,7 +43,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from tqdm.auto import tqdm
 
-from gpt2.corpus import OnBadLine, Position, ReadStats, Source, read_corpus
+from gpt2.corpus import OnBadLine, Position, ReadInterrupted, ReadStats, Source, read_corpus
 from gpt2.errors import UserError
 from gpt2.tokenizer import TOKENIZER_FILE, Tokenizer, tokenizer_from_dict
 
@@ -447,10 +447,12 @@ def prepare_shards(
             fast,
             show_progress,
         )
-    except UserError:
+    except UserError as e:
         for w in writers.values():
             w.file.close()
-        remove_run_files(out)
+        if isinstance(e, ReadInterrupted) and progress.position != Position():
+            raise ReadInterrupted(f"{e}; run the same command again to resume") from None
+        remove_run_files(out)  # the input itself is at fault: what was written is of no use
         raise
     counts = {s: w.shard * shard_tokens + w.tokens for s, w in writers.items()}
     names = {s: w.close() for s, w in writers.items()}
