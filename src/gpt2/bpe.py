@@ -257,6 +257,7 @@ class BPETokenizer(Tokenizer):
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def token_bytes(self, token_id: int) -> bytes:
+        """The bytes of one token (a special token's UTF-8 spelling)."""
         return self.decode_bytes([token_id])
 
     # --- the fast path -----------------------------------------------------------------------
@@ -326,6 +327,7 @@ class BPETokenizer(Tokenizer):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BPETokenizer:
+        """Rebuild from `to_dict`'s description (a ``tokenizer.json`` of type ``bpe``)."""
         try:
             vocab, _ = _vocab_from_texts(data["vocab"], set(data["special_tokens"]))
             return cls(

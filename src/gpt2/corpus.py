@@ -79,6 +79,8 @@ class Position:
 
 @dataclass(frozen=True)
 class Piece:
+    """Some text of one document: the whole of it, or a part of a large text file."""
+
     text: str
     doc: int  # the document's number (it decides train or val)
     ends_doc: bool  # the end-of-text token follows this piece
@@ -107,6 +109,7 @@ class ReadInterrupted(UserError):
 
 
 def file_kind(path: Path) -> Literal["text", "jsonl", "parquet"]:
+    """How to read ``path``, from its name: JSONL and Parquet by suffix, anything else is text."""
     name = path.name.lower()
     if name.endswith(JSONL_SUFFIXES):
         return "jsonl"
@@ -312,6 +315,7 @@ def read_hf_dataset(source: Source, offset: int, field: str) -> Iterator[Raw]:
 def read_source(
     source: Source, offset: int, line: int, stats: ReadStats, field: str, on_bad_line: OnBadLine
 ) -> Iterator[Raw]:
+    """The reader for ``source``'s kind, started at ``offset``."""
     if source.kind == "text":
         return read_text_file(source.location, offset, line, stats)
     if source.kind == "jsonl":

@@ -66,10 +66,12 @@ CHECKPOINT_SECONDS = 10.0
 
 
 def shard_name(split: str, index: int) -> str:
+    """``train_000003.bin``: the split and the shard's number."""
     return f"{split}_{index:06d}.bin"
 
 
 def shard_header(n_tokens: int, dtype: np.dtype) -> bytes:
+    """llm.c's 1 KiB header: magic, version (1: uint16 ids, 2: uint32), token count, zeros."""
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = (MAGIC, VERSION_OF_DTYPE[np.dtype(dtype).name], n_tokens)
     return header.tobytes()
@@ -245,6 +247,8 @@ def _encode_in_worker(batch: list[tuple[str, bool, bool]]) -> tuple[np.ndarray, 
 
 @dataclass
 class Batch:
+    """Pieces sent to a worker together, and what to record once they are written."""
+
     pieces: list[tuple[str, bool, bool]]  # (text, is_val, ends_doc)
     documents: dict[str, int]  # documents ended in this batch, per split
     after: Position  # where reading resumes after this batch
@@ -258,6 +262,8 @@ def is_val_document(doc: int, val_fraction: float) -> bool:
 
 
 def make_batches(pieces: Iterator[Any], stats: ReadStats, val_fraction: float) -> Iterator[Batch]:
+    """Pieces grouped into batches of about `BATCH_CHARS` characters, each piece marked train
+    or val by its document's number."""
     batch: list[tuple[str, bool, bool]] = []
     documents = dict.fromkeys(SPLITS, 0)
     size = 0
@@ -321,12 +327,14 @@ class Progress:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write atomically: a temp file, then a rename."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits, else uint32."""
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
@@ -352,6 +360,7 @@ def run_settings(
 
 
 def check_same_settings(out: Path, found: dict[str, Any], wanted: dict[str, Any]) -> None:
+    """Refuse to add to a folder made with another tokenizer or settings, naming the first."""
     for key, value in wanted.items():
         if found.get(key) != value:
             what = "tokenizer" if key == "tokenizer" else f"setting {key!r}"

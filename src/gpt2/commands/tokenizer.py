@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``gpt2 tokenizer train`` and ``gpt2 tokenizer export-hf`` to the command line."""
     p = sub.add_parser(
         "tokenizer", help="train a byte-level BPE tokenizer, or export one for Hugging Face"
     )
@@ -75,6 +76,7 @@ def _texts(
 
 
 def run_train(args: argparse.Namespace) -> int:
+    """Count the words of the inputs, learn the merges, write the tokenizer in both forms."""
     specials = args.special or [EOT_TEXT]
     if args.vocab_size < 256 + len(specials):
         raise UserError(
@@ -102,6 +104,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    """Write ``vocab.json`` + ``merges.txt`` alone, a folder transformers loads as it is."""
     tokenizer = get_tokenizer(args.tokenizer)
     if tokenizer.kind == "gpt2":
         tokenizer = BPETokenizer.gpt2()
