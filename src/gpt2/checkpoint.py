@@ -4,17 +4,31 @@
     config.json         {"format": 1, "model": GPTConfig, "train": TrainConfig, "state": {...}}
     tokenizer.json      the tokenizer
     optimizer.pt        AdamW's state, read back with ``torch.load(weights_only=True)``
+    trainer.pt          what exact resume needs besides: step, every RNG state, the data
+                        loader's position, the gradient scaler, the best val loss so far
 
 Nothing is unpickled except plain tensors and containers. A checkpoint is written to a temp
 folder beside its final place and renamed into it, so a crash never leaves a half-written one.
+
+A training run keeps its checkpoints in its ``out_dir``::
+
+    checkpoints/step-00000500/   one folder per save; the newest ``keep_last`` are kept
+    checkpoints/best/            the save with the lowest val loss so far
+    ckpt/                        the newest save: what `gpt2 sample`, `eval` and `export` find
+
+``best/`` and ``ckpt/`` are hard links to the files of a step folder (files are never changed
+once written, so sharing them is safe), copies where the file system has no hard links.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
-import tempfile
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,12 +42,18 @@ from gpt2.errors import UserError
 from gpt2.model import GPT
 from gpt2.tokenizer import Tokenizer, load_tokenizer
 
+log = logging.getLogger(__name__)
+
 FORMAT_VERSION = 1
-CHECKPOINT_SUBDIR = "ckpt"  # inside a run's out_dir
+CHECKPOINT_SUBDIR = "ckpt"  # inside a run's out_dir: the newest checkpoint
+HISTORY_SUBDIR = "checkpoints"  # inside a run's out_dir: every kept checkpoint
+BEST_NAME = "best"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 OPTIMIZER_FILE = "optimizer.pt"
+TRAINER_FILE = "trainer.pt"
 TIED_KEY = "lm_head.weight"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 @dataclass
@@ -46,13 +66,28 @@ class Checkpoint:
 
     def optimizer_state(self) -> dict[str, Any] | None:
         """The saved optimizer state, if the checkpoint has one."""
-        if self.path is None or not (self.path / OPTIMIZER_FILE).is_file():
+        return self._torch_file(OPTIMIZER_FILE)
+
+    def trainer_state(self) -> dict[str, Any] | None:
+        """The saved resume state (see `TRAINER_FILE`), if the checkpoint has one."""
+        return self._torch_file(TRAINER_FILE)
+
+    def _torch_file(self, name: str) -> dict[str, Any] | None:
+        if self.path is None or not (self.path / name).is_file():
             return None
-        return torch.load(self.path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(self.path / name, map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated or foreign file: say which, whatever torch raised
+            raise UserError(f"checkpoint {self.path} has a corrupt {name}: {e}") from None
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
-    """Accept a checkpoint folder or a run folder that holds one in ``ckpt/``."""
+    """Accept a checkpoint folder, or a run folder (its newest checkpoint: ``ckpt/``, else the
+    newest of ``checkpoints/``)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint folder not found: {path}")
@@ -60,7 +95,22 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
         return path
     if (path / CHECKPOINT_SUBDIR / CONFIG_FILE).is_file():
         return path / CHECKPOINT_SUBDIR
+    history = step_checkpoints(path / HISTORY_SUBDIR) or step_checkpoints(path)
+    if history:
+        return history[0]
     raise UserError(f"{path} is not a checkpoint: it has no {CONFIG_FILE}")
+
+
+def step_checkpoints(folder: Path) -> list[Path]:
+    """The ``step-N`` checkpoint folders inside ``folder``, newest (highest step) first."""
+    if not folder.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p)
+        for p in folder.iterdir()
+        if (m := _STEP_DIR.match(p.name)) and (p / CONFIG_FILE).is_file()
+    ]
+    return [p for _, p in sorted(found, reverse=True)]
 
 
 def save_checkpoint(
@@ -70,13 +120,22 @@ def save_checkpoint(
     train_config: TrainConfig,
     optimizer: torch.optim.Optimizer | None = None,
     state: dict[str, Any] | None = None,
+    *,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+    trainer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a complete checkpoint to ``folder``, replacing any old one only once it is whole."""
+    """Write a complete checkpoint to ``folder``, replacing any old one only once it is whole.
+
+    ``model_state`` and ``optimizer_state`` replace ``model.state_dict()`` and
+    ``optimizer.state_dict()`` when given: a sharded (FSDP) run passes the gathered full ones.
+    """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    tmp = _temp_dir_beside(folder)
     try:
-        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != TIED_KEY}
+        weights = model_state if model_state is not None else model.state_dict()
+        weights = {k: v.detach().cpu().contiguous() for k, v in weights.items() if k != TIED_KEY}
         save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         config = {
             "format": FORMAT_VERSION,
@@ -84,15 +143,44 @@ def save_checkpoint(
             "train": train_config.to_dict(),
             "state": state or {},
         }
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        _write_text(tmp / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
         tokenizer.save(tmp)
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        if optimizer_state is None and optimizer is not None:
+            optimizer_state = optimizer.state_dict()
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / TRAINER_FILE)
+        _fsync_dir(tmp)
         _swap_into_place(tmp, folder)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _temp_dir_beside(final: Path) -> Path:
+    """A new empty folder next to ``final`` (same file system, so a rename moves it), hidden
+    and named so that a stale one is recognised (``.NAME.tmp-*``). Unlike ``mkdtemp`` its
+    permissions follow the umask, as the files' do."""
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    return tmp
+
+
+def _write_text(path: Path, text: str) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Flush every file of ``folder`` to disk before it is renamed into place: after a power
+    cut, a renamed folder must not hold files whose data never reached the disk."""
+    for p in folder.iterdir():
+        with p.open("rb") as f:
+            os.fsync(f.fileno())
 
 
 def _swap_into_place(new: Path, final: Path) -> None:
@@ -106,6 +194,95 @@ def _swap_into_place(new: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(new, final)
+
+
+def link_checkpoint(source: Path, dest: Path) -> None:
+    """Make ``dest`` a checkpoint with the same files as ``source`` (hard links, else copies),
+    swapped into place whole."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_dir_beside(dest)
+    try:
+        for f in source.iterdir():
+            try:
+                os.link(f, tmp / f.name)
+            except OSError:  # no hard links here (another device, some network file systems)
+                shutil.copy2(f, tmp / f.name)
+        _swap_into_place(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+class RunCheckpoints:
+    """The checkpoints of one run (see the module docstring for the layout)."""
+
+    def __init__(self, out_dir: str | Path, keep_last: int = 2) -> None:
+        self.out_dir = Path(out_dir)
+        self.history = self.out_dir / HISTORY_SUBDIR
+        self.latest_link = self.out_dir / CHECKPOINT_SUBDIR
+        self.best_link = self.history / BEST_NAME
+        self.keep_last = max(1, keep_last)
+        self._replace_earlier_run = False
+
+    def replace_earlier_run(self) -> None:
+        """This run starts afresh: at its first save (not before, so that a run that fails
+        early costs nothing), the checkpoints of an earlier run in the same folder go."""
+        self._replace_earlier_run = True
+
+    def save(self, step: int, write: Callable[[Path], Any], is_best: bool = False) -> Path:
+        """Call ``write(folder)`` (which must write a whole checkpoint there, atomically, as
+        `save_checkpoint` does) for this step; then publish it as the newest (and best), and
+        drop step folders older than the newest ``keep_last``."""
+        folder = self.history / step_dir_name(step)
+        if self._replace_earlier_run:
+            earlier = step_checkpoints(self.history)
+            if earlier:
+                log.warning(
+                    "removing %d checkpoint(s) of an earlier run in %s (pass --resume "
+                    "auto to continue a run instead)",
+                    len(earlier),
+                    self.history,
+                )
+            for old in [*earlier, self.best_link]:
+                shutil.rmtree(old, ignore_errors=True)
+            self._replace_earlier_run = False
+        write(folder)
+        link_checkpoint(folder, self.latest_link)
+        if is_best:
+            link_checkpoint(folder, self.best_link)
+        self._prune()
+        return folder
+
+    def _prune(self) -> None:
+        for old in step_checkpoints(self.history)[self.keep_last :]:
+            shutil.rmtree(old, ignore_errors=True)
+        # Temp folders of saves that were killed halfway: nothing else refers to them.
+        for stale in self.history.glob(".*.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def candidates(self) -> list[Path]:
+        """Checkpoints to resume from, newest first: the step folders, then a ``ckpt/`` that
+        has none beside it (a run from before the history existed)."""
+        found = step_checkpoints(self.history)
+        if not found and (self.latest_link / CONFIG_FILE).is_file():
+            found.append(self.latest_link)
+        return found
+
+
+def load_resumable(candidates: list[Path], device: str | torch.device = "cpu") -> Checkpoint:
+    """The newest of ``candidates`` that loads whole (weights, optimizer and trainer state); the
+    ones that do not are skipped with a warning. `UserError` when none loads."""
+    problems = []
+    for folder in candidates:
+        try:
+            ckpt = load_checkpoint(folder, device)
+            if ckpt.trainer_state() is None or ckpt.optimizer_state() is None:
+                raise UserError(f"checkpoint {folder} has no {TRAINER_FILE} or {OPTIMIZER_FILE}")
+            return ckpt
+        except UserError as e:
+            log.warning("skipping %s: %s", folder, e)
+            problems.append(str(e))
+    raise UserError("no checkpoint to resume from: " + ("; ".join(problems) or "none found"))
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:

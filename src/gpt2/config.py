@@ -118,7 +118,7 @@ class TrainConfig:
         default="",
     )
     max_iters: int = _help("optimiser steps to run", default=2000)
-    batch_size: int = _help("sequences per step", default=12)
+    batch_size: int = _help("sequences per micro-batch on each process", default=12)
     learning_rate: float = _help("peak learning rate, reached after the warm-up", default=1e-3)
     min_lr: float = _help("learning rate at the end of the cosine decay", default=1e-4)
     warmup_iters: int = _help("steps of linear warm-up from 0 to learning_rate", default=100)
@@ -138,18 +138,63 @@ class TrainConfig:
         "auto, cpu, cuda, cuda:N or mps; auto picks CUDA, then MPS, then the CPU", default="auto"
     )
     num_threads: int = _help("CPU threads for torch (0: torch's default)", default=0)
+    # Scale, precision and distribution (see docs/training.md).
+    total_batch_tokens: int = _help(
+        "tokens per optimiser step over all processes; the micro-batches (batch_size x "
+        "block_size on each process) are accumulated to reach it (0: one micro-batch each)",
+        default=0,
+    )
+    dtype: str = _help(
+        "auto, float32, bfloat16 or float16 (autocast; float16 on CUDA only, with a gradient "
+        "scaler); auto is bfloat16 on CUDA GPUs that have it, else float32",
+        default="auto",
+    )
+    tf32: bool = _help("let CUDA do float32 matrix products in TF32", default=True)
+    compile: bool = _help("torch.compile the model for training and evaluation", default=False)
+    pad_vocab: bool = _help(
+        "round the vocabulary up to a multiple of 64 for faster matrix products (the extra ids "
+        "never occur in the data; a new model only)",
+        default=False,
+    )
+    fsdp: bool = _help(
+        "under torchrun, shard weights, gradients and optimizer state with FSDP2 instead of "
+        "replicating them with DDP",
+        default=False,
+    )
+    resume: str = _help(
+        "auto: continue from the newest valid checkpoint in out_dir (start afresh if none); "
+        "or a checkpoint folder to continue from",
+        default="",
+    )
+    save_interval: int = _help(
+        "save a checkpoint every this many steps (0: at every evaluation)", default=0
+    )
+    keep_last: int = _help(
+        "checkpoints to keep in out_dir/checkpoints (the best by val loss is kept apart)",
+        default=2,
+    )
+    on_nan: str = _help("a NaN or infinite loss: stop (default) or skip the step", default="stop")
+    sample_interval: int = _help("log a sample every this many steps (0: at the end only)", default=0)
+    tensorboard: bool = _help("also log to TensorBoard in out_dir/tensorboard", default=False)
+    plot: bool = _help("draw out_dir/metrics.png at the end (needs matplotlib)", default=True)
+    peak_tflops: float = _help(
+        "the device's peak TFLOP/s for MFU (0: a table of GPUs, or a CPU probe)", default=0.0
+    )
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         positive = ("max_iters", "batch_size", "eval_interval", "eval_iters", "log_interval")
+        positive += ("keep_last",)
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(
                     f"train config: {name} must be at least 1, got {getattr(self, name)}"
                 )
-        for name in ("warmup_iters", "lr_decay_iters", "sample_tokens", "num_threads"):
+        non_negative = ("warmup_iters", "lr_decay_iters", "sample_tokens", "num_threads")
+        non_negative += ("total_batch_tokens", "save_interval", "sample_interval", "peak_tflops")
+        for name in non_negative:
             if getattr(self, name) < 0:
                 raise UserError(
                     f"train config: {name} must not be negative, got {getattr(self, name)}"
@@ -169,6 +214,12 @@ class TrainConfig:
             raise UserError("train config: weight_decay and grad_clip must not be negative")
         if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda", "mps"):
             raise UserError(f"train config: unknown device {self.device!r} (auto, cpu, cuda, mps)")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise UserError(
+                f"train config: unknown dtype {self.dtype!r} (auto, float32, bfloat16, float16)"
+            )
+        if self.on_nan not in ("stop", "skip"):
+            raise UserError(f"train config: on_nan must be stop or skip, got {self.on_nan!r}")
 
     @property
     def decay_iters(self) -> int:

@@ -154,7 +154,8 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return_logits: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits for every position of ``idx`` (B, T), and the mean cross-entropy if
         ``targets`` (B, T) are given; target -1 marks a position that is not scored.
 
@@ -178,6 +179,11 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C)
         x = self.transformer.ln_f(x)
+        if targets is not None and not return_logits:
+            # Training: the loss (and its gradient) a chunk of rows at a time, never holding
+            # the (B, T, vocab_size) logits at once; see `linear_cross_entropy`.
+            loss = linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets)
+            return None, loss
         logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = None
         if targets is not None:
@@ -230,3 +236,54 @@ class GPT(nn.Module):
         from gpt2.hf import save_pretrained
 
         save_pretrained(self, folder, tokenizer)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, chunk by chunk of rows.
+
+    Each chunk's logits are made, turned into its share of the loss *and of both gradients*
+    (softmax minus one-hot, times the weight and the hidden states), and dropped; backward then
+    only scales the stored gradients. The same products as the plain path, in the same number,
+    but the peak memory holds one chunk of logits instead of the whole (N, vocab) tensor and its
+    softmax and gradient: about 600 MB less for GPT-2 124M at 4 x 256 tokens.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows):  # (N, C), (V, C), (N,), int
+        scored = targets != -1  # (N,)
+        n_scored = scored.sum().clamp(min=1).to(hidden.dtype)
+        safe_targets = targets.clamp(min=0).unsqueeze(1)  # (N, 1): -1 gathers row 0, masked below
+        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if want_grad else None
+        grad_weight = torch.zeros_like(weight) if want_grad else None
+        total = hidden.new_zeros(())
+        for start in range(0, hidden.size(0), chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            h, t, keep = hidden[rows], safe_targets[rows], scored[rows].to(hidden.dtype)
+            logits = h @ weight.t()  # (n, V)
+            lse = torch.logsumexp(logits, dim=1)  # (n,)
+            total += ((lse - logits.gather(1, t).squeeze(1)) * keep).sum()
+            if want_grad:
+                grad = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
+                grad.scatter_add_(1, t, -keep.unsqueeze(1))  # minus one-hot where scored
+                grad.mul_((keep / n_scored).unsqueeze(1))  # d(mean loss) / d(logits)
+                torch.mm(grad, weight, out=grad_hidden[rows])
+                grad_weight.addmm_(grad.t(), h)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total / n_scored
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_bytes: int = 1 << 27
+) -> torch.Tensor:
+    """``F.cross_entropy(hidden @ weight.T, targets, ignore_index=-1)`` for ``hidden`` (N, C),
+    ``weight`` (V, C) and ``targets`` (N,) or any shape of N elements, holding at most about
+    ``chunk_bytes`` of logits at a time (128 MiB: 650 rows of GPT-2's vocabulary)."""
+    chunk_rows = max(1, chunk_bytes // (weight.size(0) * hidden.element_size()))
+    return _LinearCrossEntropy.apply(hidden, weight, targets.reshape(-1), chunk_rows)
+

@@ -1,35 +1,72 @@
-"""The training loop: AdamW, warm-up then cosine decay, clipping, periodic evaluation.
+"""The training loop: AdamW, warm-up then cosine decay, clipping, evaluation, checkpoints.
 
 `Trainer` holds a run's state (model, optimizer, data) so that each step of the loop is a small
 method a reader can follow and a test can call; nothing here lives in module globals.
+
+One optimiser step, on each of ``world_size`` processes (see `gpt2.distributed`):
+
+    for each of accum_steps micro-batches (batch_size x block_size tokens each):
+        loss = model(x, y) / accum_steps;  loss.backward()   # gradients add up
+    (the last backward also averages the gradients across processes)
+    clip the gradient norm; AdamW step; zero the gradients
+
+so the update is the mean gradient over ``total_batch_tokens`` tokens whatever the split into
+processes and micro-batches. A run can stop at any step and resume exactly: a checkpoint holds
+the weights, the optimizer, the step, every random generator, the gradient scaler and the data
+loader's position (`gpt2.checkpoint`, `gpt2.loader`).
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import math
+import random
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from gpt2 import data as data_module
+from gpt2 import distributed
 from gpt2.assets import fetch
-from gpt2.checkpoint import CHECKPOINT_SUBDIR, save_checkpoint
+from gpt2.checkpoint import (
+    CHECKPOINT_SUBDIR,
+    Checkpoint,
+    RunCheckpoints,
+    load_resumable,
+    resolve_checkpoint_dir,
+    save_checkpoint,
+)
 from gpt2.config import GPTConfig, TrainConfig
-from gpt2.data import TokenWindows, fixed_batches, infinite_batches, load_split, make_loader, prepare, read_meta
+from gpt2.data import load_split, prepare, read_meta
 from gpt2.errors import UserError
 from gpt2.generate import generate
+from gpt2.loader import Layout, TrainBatches, WindowSequence, fixed_batches
+from gpt2.metrics import (
+    MetricsLog,
+    flops_per_token,
+    peak_flops,
+    peak_memory_gb,
+    precision_name,
+)
 from gpt2.model import GPT
-from gpt2.tokenizer import Tokenizer, load_tokenizer
+from gpt2.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DATA_DIR = Path("data/shakespeare-char")
 METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "metrics.png"
+VOCAB_MULTIPLE = 64  # --pad-vocab rounds up to this: tensor cores like multiples of 64
+MAX_SKIPS_IN_A_ROW = 10  # --on-nan skip gives up after this many bad steps in a row
 
 
 def resolve_device(name: str) -> torch.device:
@@ -48,6 +85,22 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The autocast precision. ``auto`` is bfloat16 only on CUDA GPUs with native support: a
+    CPU without it emulates bfloat16 about 100x slower than float32."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name == "float16" and device.type != "cuda":
+        raise UserError("dtype float16 needs a CUDA GPU; use bfloat16 or float32")
+    if name == "bfloat16" and device.type == "cpu":
+        log.warning(
+            "bfloat16 on the CPU: fast only on CPUs with native bfloat16 (AVX512-BF16, AMX)"
+        )
+    return getattr(torch, name)
+
+
 def learning_rate_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up to ``learning_rate``, cosine decay to ``min_lr`` at ``decay_iters``,
     then flat at ``min_lr``."""
@@ -60,6 +113,26 @@ def learning_rate_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
 
 
+def accumulation_steps(total_batch_tokens: int, micro_tokens: int, world_size: int) -> int:
+    """Micro-steps per optimiser step so that ``world_size`` processes of ``micro_tokens``
+    tokens each reach ``total_batch_tokens`` (0: one micro-step)."""
+    if total_batch_tokens == 0:
+        return 1
+    per_pass = micro_tokens * world_size
+    if total_batch_tokens % per_pass:
+        lower = max(per_pass, total_batch_tokens // per_pass * per_pass)
+        raise UserError(
+            f"total_batch_tokens {total_batch_tokens} is not a multiple of batch_size x "
+            f"block_size x processes = {per_pass}; use {lower} or {lower + per_pass}, or change "
+            f"batch_size"
+        )
+    return total_batch_tokens // per_pass
+
+
+def padded_vocab_size(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    return -(-vocab_size // multiple) * multiple
+
+
 def default_data_dir() -> Path:
     """TinyShakespeare as characters, prepared on first use: the built-in demo's data."""
     if not (DEFAULT_DATA_DIR / "meta.json").is_file():
@@ -67,6 +140,71 @@ def default_data_dir() -> Path:
         log.info("preparing %s as characters in %s", source, DEFAULT_DATA_DIR)
         prepare(source, DEFAULT_DATA_DIR, tokenizer="char")
     return DEFAULT_DATA_DIR
+
+
+def split_arrays(data_dir: Path, split: str) -> list[np.ndarray]:
+    """The token arrays of a split: its shards where the data has several, else one array."""
+    load_shards = getattr(data_module, "load_split_shards", None)
+    if load_shards is not None:
+        return list(load_shards(data_dir, split))
+    return [load_split(data_dir, split)]
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every random generator this process draws from, as plain values and tensors."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's notice) ask the loop to stop after the step
+    in progress; it saves a checkpoint and returns. A second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.signal_name = ""
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal_name and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        log.warning("%s: stopping after this step, then saving a checkpoint", self.signal_name)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopRequest]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self  # signals reach the main thread only; nothing to install here
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        try:
+            yield self
+        finally:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+
+
+@dataclass
+class StepStats:
+    loss: float  # mean over the step's micro-batches and processes
+    grad_norm: float  # before clipping
+    lr: float
+    skipped: bool = False
 
 
 @dataclass
@@ -79,6 +217,7 @@ class TrainResult:
     wall_s: float
     checkpoint: Path
     sample: str
+    stopped_by: str = ""  # the signal that stopped the run early, if one did
 
 
 class Trainer:
@@ -91,38 +230,131 @@ class Trainer:
         show_progress: bool = True,
     ) -> None:
         self.cfg = cfg
-        self.show_progress = show_progress
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
-        self.device = resolve_device(cfg.device)
+        self.env = distributed.env_from_torchrun()
+        self.device = distributed.setup(self.env, resolve_device(cfg.device))
+        self.is_main = self.env.is_main
+        self.show_progress = show_progress and self.is_main
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+            torch.backends.cudnn.allow_tf32 = cfg.tf32
         self.data_dir = Path(cfg.data) if cfg.data else default_data_dir()
         meta = read_meta(self.data_dir)
         self.tokenizer = load_tokenizer(self.data_dir)
-        torch.manual_seed(cfg.seed)
-        self.model = self._build_model(meta, model_overrides or {}).to(self.device)
-        block = self.model.config.block_size
-        self.train_set = TokenWindows(load_split(self.data_dir, "train"), block, "the train split")
-        self.val_set = TokenWindows(load_split(self.data_dir, "val"), block, "the val split")
-        self.batches = infinite_batches(make_loader(self.train_set, cfg.batch_size, cfg.seed))
-        # Fixed batches make successive loss estimates comparable (the same text every time).
-        self.eval_batches = {
-            "train": fixed_batches(self.train_set, cfg.batch_size, cfg.eval_iters, cfg.seed + 1),
-            "val": fixed_batches(self.val_set, cfg.batch_size, cfg.eval_iters, cfg.seed + 2),
-        }
-        self.optimizer = self.model.configure_optimizer(
-            cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), self.device.type
-        )
         self.out_dir = Path(cfg.out_dir)
-        self.step = 0
+        self.checkpoints = RunCheckpoints(self.out_dir, cfg.keep_last)
+        resume_from = self._checkpoint_to_resume()
 
-    def _build_model(self, meta: dict[str, Any], overrides: dict[str, Any]) -> GPT:
-        """A fresh model of the preset's shape sized to the data's vocabulary, or pretrained
-        weights when ``init_from`` is set."""
+        torch.manual_seed(cfg.seed)  # the same initial weights on every process
+        model = self._build_model(meta, model_overrides or {}, resume_from)
+        self.model = model.to(self.device)
+        self.flops_per_token = flops_per_token(
+            model.config, model.num_parameters(non_embedding=True)
+        )
+        # From here on each process draws its own numbers (dropout differs across processes).
+        rank_seed = cfg.seed + self.env.rank
+        random.seed(rank_seed)
+        np.random.seed(rank_seed)
+        torch.manual_seed(rank_seed)
+
+        block = self.model.config.block_size
+        self.micro_tokens = cfg.batch_size * block
+        self.accum_steps = accumulation_steps(
+            cfg.total_batch_tokens, self.micro_tokens, self.env.world_size
+        )
+        layout = Layout(cfg.batch_size, self.accum_steps, self.env.rank, self.env.world_size)
+        self.tokens_per_step = layout.windows_per_step * block
+        train_arrays = split_arrays(self.data_dir, "train")
+        val_arrays = split_arrays(self.data_dir, "val")
+        self.batches = TrainBatches(
+            WindowSequence(train_arrays, block, cfg.seed, "the train split"), layout
+        )
+        # Fixed batches make successive loss estimates comparable (the same text every time).
+        per_rank = -(-cfg.eval_iters // self.env.world_size)
+        rank, world = self.env.rank, self.env.world_size
+        self.eval_batches = {
+            split: fixed_batches(
+                WindowSequence(arrays, block, cfg.seed + offset, f"the {split} split"),
+                cfg.batch_size,
+                per_rank * world,
+                rank,
+                world,
+            )
+            for split, arrays, offset in (("train", train_arrays, 1), ("val", val_arrays, 2))
+        }
+
+        self.wrapped = distributed.wrap_model(self.model, self.env, self.device, cfg.fsdp)
+        self.optimizer = build_optimizer(self.model, cfg, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.train_model = torch.compile(self.wrapped) if cfg.compile else self.wrapped
+        # In float32 on the CPU the loss is computed a chunk of rows at a time (never the
+        # whole logits tensor); autocast and GPUs take the plain path.
+        self.chunked_loss = self.device.type == "cpu" and self.dtype == torch.float32
+        self.step = 0
+        self.best_val_loss = math.inf
+        self.skips_in_a_row = 0
+        self.last_checkpoint: Path | None = None
+        if resume_from is not None:
+            self._restore(resume_from)
+        else:
+            self.checkpoints.replace_earlier_run()
+
+    # --- building --------------------------------------------------------------------------
+
+    def _checkpoint_to_resume(self) -> Checkpoint | None:
+        """The checkpoint ``--resume`` names (``auto``: the newest valid one in out_dir)."""
+        if not self.cfg.resume:
+            return None
+        if self.cfg.resume == "auto":
+            candidates = self.checkpoints.candidates()
+            if not candidates:
+                if self.is_main:
+                    log.info("no checkpoint in %s: starting from scratch", self.out_dir)
+                return None
+        else:
+            candidates = [resolve_checkpoint_dir(self.cfg.resume)]
+        # Rank 0 chooses, so that every process resumes from the same one.
+        ckpt = load_resumable(candidates) if self.is_main else None
+        chosen = distributed.broadcast_object(str(ckpt.path) if ckpt else None, self.env)
+        if ckpt is None:
+            ckpt = load_resumable([Path(chosen)])
+        if ckpt.tokenizer.to_dict() != self.tokenizer.to_dict():
+            raise UserError(
+                f"checkpoint {ckpt.path} uses a {ckpt.tokenizer.kind} tokenizer but the data was "
+                f"prepared with {self.tokenizer.kind}"
+            )
+        if self.is_main:
+            log.info("resuming from %s (step %s)", ckpt.path, ckpt.state.get("step", "?"))
+        return ckpt
+
+    def _build_model(
+        self, meta: dict[str, Any], overrides: dict[str, Any], resume_from: Checkpoint | None
+    ) -> GPT:
+        """The checkpoint's model when resuming; else pretrained weights when ``init_from`` is
+        set; else a fresh model of the preset's shape sized to the data's vocabulary."""
+        if resume_from is not None:
+            return resume_from.model
         if self.cfg.init_from:
+            if self.cfg.pad_vocab and self.is_main:
+                log.warning(
+                    "pad_vocab applies to new models only; %s keeps its vocabulary",
+                    self.cfg.init_from,
+                )
             return self._pretrained_model(overrides)
-        config = GPTConfig.preset(self.cfg.model, **{**overrides, "vocab_size": meta["vocab_size"]})
+        vocab = meta["vocab_size"]
+        if self.cfg.pad_vocab:
+            vocab = padded_vocab_size(vocab)
+        config = GPTConfig.preset(self.cfg.model, **{**overrides, "vocab_size": vocab})
         model = GPT(config)
-        log.info("model %s: %.2fM parameters, %s", self.cfg.model, model.num_parameters() / 1e6, config)
+        if self.is_main:
+            log.info(
+                "model %s: %.2fM parameters, %s",
+                self.cfg.model,
+                model.num_parameters() / 1e6,
+                config,
+            )
         return model
 
     def _pretrained_model(self, overrides: dict[str, Any]) -> GPT:
@@ -143,41 +375,154 @@ class Trainer:
             for module in model.modules():
                 if isinstance(module, torch.nn.Dropout):
                     module.p = overrides["dropout"]
-        log.info("initialised from %s (%.2fM parameters)", source, model.num_parameters() / 1e6)
+        if self.is_main:
+            log.info("initialised from %s (%.2fM parameters)", source, model.num_parameters() / 1e6)
         return model
+
+    def _restore(self, ckpt: Checkpoint) -> None:
+        """Everything but the weights (already in the model): optimizer, step, RNGs, data
+        position, scaler. The configs may differ (a longer run, say); what changes is logged."""
+        state = ckpt.trainer_state() or {}
+        distributed.load_optimizer_state(self.model, self.optimizer, ckpt.optimizer_state())
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.best_val_loss = float(state.get("best_val_loss", math.inf))
+        changed = self.batches.load_state_dict(state["loader"])
+        rngs = state.get("rng", [])
+        if len(rngs) == self.env.world_size:
+            restore_rng(rngs[self.env.rank])
+        elif self.is_main:
+            log.warning(
+                "the checkpoint was written by %d processes, this run has %d: random "
+                "numbers (dropout) will differ from the original run",
+                len(rngs),
+                self.env.world_size,
+            )
+        if not self.is_main:
+            return
+        if changed:
+            log.warning(
+                "the training data differs from the checkpoint's (%s): the batches "
+                "will not be those of the original run",
+                ", ".join(changed),
+            )
+        old, new = ckpt.train_config.to_dict(), self.cfg.to_dict()
+        diffs = [
+            f"{k} {old[k]!r} -> {new[k]!r}"
+            for k in new
+            if k in old and old[k] != new[k] and k != "resume"
+        ]
+        if diffs:
+            log.info("settings changed since the checkpoint: %s", "; ".join(diffs))
+
+    # --- one step ----------------------------------------------------------------------------
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def _forward_loss(
+        self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
+        with self._autocast():
+            if self.chunked_loss and torch.is_grad_enabled():
+                return model(x, y, return_logits=False)[1]
+            return model(x, y)[1]
+
+    def train_step(self) -> StepStats:
+        """One optimiser step: accumulate the micro-batches' gradients, check the loss, clip,
+        update. A NaN or infinite loss stops the run (`UserError`) or, with ``on_nan = skip``,
+        discards the step's gradients."""
+        cfg = self.cfg
+        lr = learning_rate_at(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        micro_losses = []
+        for i, (x, y) in enumerate(self.batches.next_step()):
+            last = i == self.accum_steps - 1
+            with distributed.gradient_sync(self.train_model, sync=last):
+                loss = self._forward_loss(self.train_model, self._to_device(x), self._to_device(y))
+                # Each micro-batch weighs 1/accum_steps; processes are averaged by the sync.
+                self.scaler.scale(loss / self.accum_steps).backward()
+            micro_losses.append(loss.detach())
+        self.scaler.unscale_(self.optimizer)
+        norm = self._clip_gradients()
+        # One transfer for everything the host must look at: the losses and the norm.
+        summary = torch.cat([torch.stack(micro_losses).float(), norm.float().reshape(1)])
+        summary[:-1] = distributed.all_reduce(summary[:-1].clone(), self.env) / self.env.world_size
+        values = summary.tolist()
+        losses, grad_norm = values[:-1], values[-1]
+        bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
+        if bad is None and not math.isfinite(grad_norm) and not self.scaler.is_enabled():
+            bad = -1  # finite loss, infinite gradient (the fp16 scaler handles its own)
+        self.step += 1
+        if bad is not None:
+            self._bad_step(bad, losses, grad_norm)
+            return StepStats(float("nan"), grad_norm, lr, skipped=True)
+        self.skips_in_a_row = 0
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepStats(sum(losses) / len(losses), grad_norm, lr)
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """The global gradient norm before clipping (a 0-dim tensor), clipping if asked."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.cfg.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip, foreach=True)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        full = getattr(norm, "full_tensor", None)  # a DTensor under FSDP
+        return full() if full is not None else norm
+
+    def _bad_step(self, micro: int, losses: list[float], grad_norm: float) -> None:
+        step = self.step  # already counted: steps are numbered from 1 in the logs
+        where = f"micro-batch {micro + 1} of {len(losses)}" if micro >= 0 else "the gradients"
+        value = losses[micro] if micro >= 0 else grad_norm
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.cfg.on_nan == "skip":
+            self.skips_in_a_row += 1
+            if self.skips_in_a_row <= MAX_SKIPS_IN_A_ROW:
+                if self.is_main:
+                    log.warning("step %d: %s gave %s; step skipped", step, where, value)
+                return
+        last = (
+            f"; the last checkpoint ({self.last_checkpoint}) is intact"
+            if (self.last_checkpoint)
+            else ""
+        )
+        tail = (
+            f" ({MAX_SKIPS_IN_A_ROW} steps skipped in a row)" if self.cfg.on_nan == "skip" else ""
+        )
+        raise UserError(
+            f"loss became {value} at step {step}, {where}{tail}{last}; lower the learning "
+            f"rate, or pass --on-nan skip"
+        )
+
+    # --- evaluation, samples, checkpoints ----------------------------------------------------
 
     @torch.no_grad()
     def estimate_loss(self) -> dict[str, float]:
-        """Mean loss over the fixed train and val batches, with dropout off."""
-        self.model.eval()
+        """Mean loss over the fixed train and val batches (split across processes), dropout off."""
+        model = self.train_model
+        model.eval()
         out = {}
         for split, batches in self.eval_batches.items():
-            losses = [self.model(x.to(self.device), y.to(self.device))[1].item() for x, y in batches]
-            out[split] = sum(losses) / len(losses)
-        self.model.train()
+            total = torch.zeros(2, device=self.device)  # (sum of batch losses, batch count)
+            for x, y in batches:
+                loss = self._forward_loss(model, self._to_device(x), self._to_device(y))
+                total += torch.stack([loss.float(), torch.ones((), device=self.device)])
+            total = distributed.all_reduce(total, self.env)
+            out[split] = (total[0] / total[1]).item()
+        model.train()
         return out
-
-    def train_step(self) -> float:
-        """One optimiser step on the next batch; returns its loss."""
-        lr = learning_rate_at(self.step, self.cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        x, y = next(self.batches)
-        x, y = x.to(self.device), y.to(self.device)
-        _, loss = self.model(x, y)
-        loss.backward()
-        if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        return loss.item()
-
-    def save(self, losses: dict[str, float]) -> Path:
-        state = {"step": self.step, **{f"{k}_loss": v for k, v in losses.items()}}
-        return save_checkpoint(
-            self.out_dir / CHECKPOINT_SUBDIR, self.model, self.tokenizer, self.cfg, self.optimizer, state
-        )
 
     def sample(self, n_tokens: int, temperature: float = 0.8, top_k: int = 200) -> str:
         """A short sample from the start-of-text (end-of-text id, or a newline for characters)."""
@@ -186,57 +531,204 @@ class Trainer:
         idx = torch.tensor([prompt], dtype=torch.long, device=self.device)
         g = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
         self.model.eval()
-        out = generate(self.model, idx, n_tokens, temperature=temperature, top_k=top_k, generator=g)
+        with self._autocast():
+            out = generate(
+                self.model, idx, n_tokens, temperature=temperature, top_k=top_k, generator=g
+            )
         self.model.train()
-        return self.tokenizer.decode(out[0, len(prompt) :].tolist())
+        # Ids past the tokenizer's vocabulary exist only with --pad-vocab and are never trained
+        # towards; should one be drawn, it has no text.
+        ids = [i for i in out[0, len(prompt) :].tolist() if i < self.tokenizer.vocab_size]
+        return self.tokenizer.decode(ids)
+
+    def _samples_everywhere(self) -> bool:
+        """Under FSDP every process must run the model (each holds a shard of the weights)."""
+        return self.is_main or self.cfg.fsdp
+
+    def save(self, losses: dict[str, float] | None = None) -> Path | None:
+        """A checkpoint of this step in out_dir (on rank 0; every rank must call it). Returns
+        its folder on rank 0, None elsewhere."""
+        sharded = self.cfg.fsdp and self.env.enabled
+        model_state = optimizer_state = None
+        if sharded or self.is_main:
+            model_state, optimizer_state = distributed.full_state(self.model, self.optimizer)
+        rngs = distributed.all_gather_objects(capture_rng(), self.env)
+        val = (losses or {}).get("val")
+        is_best = val is not None and math.isfinite(val) and val < self.best_val_loss
+        if is_best:
+            self.best_val_loss = val
+        if not self.is_main:
+            return None
+        trainer_state = {
+            "step": self.step,
+            "rng": rngs,
+            "loader": self.batches.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "best_val_loss": self.best_val_loss,
+            "world_size": self.env.world_size,
+        }
+        state = {"step": self.step, **{f"{k}_loss": v for k, v in (losses or {}).items()}}
+
+        def write(folder: Path) -> Path:
+            return save_checkpoint(
+                folder,
+                self.model,
+                self.tokenizer,
+                self.cfg,
+                state=state,
+                model_state=model_state,
+                optimizer_state=optimizer_state,
+                trainer_state=trainer_state,
+            )
+
+        self.last_checkpoint = self.checkpoints.save(self.step, write, is_best=is_best)
+        return self.last_checkpoint
+
+    # --- the loop ------------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
+        """Train to ``max_iters`` (or until SIGINT/SIGTERM), evaluating, logging, sampling and
+        saving along the way; then plot the metrics and draw a final sample."""
         cfg = self.cfg
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        metrics = (self.out_dir / METRICS_FILE).open("w", encoding="utf-8")
-        tokens_per_step = cfg.batch_size * self.model.config.block_size
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        metrics = MetricsLog(
+            self.out_dir / METRICS_FILE,
+            enabled=self.is_main,
+            resume_step=self.step if cfg.resume else None,
+            tensorboard_dir=self.out_dir / "tensorboard" if cfg.tensorboard else None,
+        )
+        peak = peak_flops(self.device, precision_name(self.dtype, cfg.tf32), cfg.peak_tflops)
         losses = {"train": float("nan"), "val": float("nan")}
-        train_time = 0.0
+        first_step, train_time, stopped_by = self.step, 0.0, ""
         start = time.perf_counter()
         self.model.train()
-        bar = tqdm(total=cfg.max_iters, desc="training", unit="step", disable=not self.show_progress)
+        bar = tqdm(
+            total=cfg.max_iters,
+            initial=self.step,
+            desc="training",
+            unit="step",
+            disable=not self.show_progress,
+        )
         try:
-            while self.step < cfg.max_iters:
-                t0 = time.perf_counter()
-                loss = self.train_step()
-                dt = time.perf_counter() - t0
-                train_time += dt
-                if not math.isfinite(loss):
-                    raise UserError(f"loss became {loss} at step {self.step}; lower the learning rate")
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}")
-                if self.step % cfg.log_interval == 0:
-                    self._write(metrics, step=self.step, loss=loss, lr=learning_rate_at(self.step - 1, cfg),
-                                ms_per_iter=dt * 1e3, tokens_per_s=tokens_per_step / dt)
-                if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
-                    losses = self.estimate_loss()
-                    tps = tokens_per_step * self.step / train_time
-                    log.info("step %d: train loss %.4f, val loss %.4f, %.0f tokens/s",
-                             self.step, losses["train"], losses["val"], tps)
-                    self._write(metrics, step=self.step, train_loss=losses["train"], val_loss=losses["val"])
-                    self.save(losses)
+            with StopRequest().installed() as stop:
+                while self.step < cfg.max_iters:
+                    t0 = time.perf_counter()
+                    stats = self.train_step()
+                    dt = time.perf_counter() - t0
+                    train_time += dt
+                    bar.update(1)
+                    step = self.step
+                    if step % cfg.log_interval == 0:
+                        bar.set_postfix(loss=f"{stats.loss:.4f}", refresh=False)
+                        self._log_step(metrics, stats, dt, peak)
+                    evaluate = step % cfg.eval_interval == 0 or step == cfg.max_iters
+                    if evaluate:
+                        losses = self.estimate_loss()
+                        tokens_per_s = self.tokens_per_step * (step - first_step) / train_time
+                        self._log_eval(metrics, losses, tokens_per_s)
+                    if cfg.sample_interval and step % cfg.sample_interval == 0:
+                        self._log_sample()
+                    stop_now = self._stop_requested(stop)
+                    periodic = cfg.save_interval and step % cfg.save_interval == 0
+                    if evaluate or periodic or stop_now:
+                        self.save(losses if evaluate else None)
+                    if stop_now:
+                        stopped_by = stop.signal_name or "a signal to another process"
+                        break
         finally:
             bar.close()
             metrics.close()
         wall = time.perf_counter() - start
-        sample = self.sample(cfg.sample_tokens) if cfg.sample_tokens else ""
+        if stopped_by and self.is_main:
+            log.warning(
+                "stopped by %s at step %d; checkpoint %s; continue with --resume auto",
+                stopped_by,
+                self.step,
+                self.last_checkpoint,
+            )
+        if self.is_main and cfg.plot:
+            self._plot()
+        sample = ""
+        if cfg.sample_tokens and not stopped_by and self._samples_everywhere():
+            sample = self.sample(cfg.sample_tokens)
+        steps_run = self.step - first_step
+        distributed.barrier(self.env)
         return TrainResult(
             step=self.step,
             train_loss=losses["train"],
             val_loss=losses["val"],
-            ms_per_iter=1e3 * train_time / max(1, self.step),
-            tokens_per_s=tokens_per_step * self.step / max(train_time, 1e-9),
+            ms_per_iter=1e3 * train_time / max(1, steps_run),
+            tokens_per_s=self.tokens_per_step * steps_run / max(train_time, 1e-9),
             wall_s=wall,
             checkpoint=self.out_dir / CHECKPOINT_SUBDIR,
-            sample=sample,
+            sample=sample if self.is_main else "",
+            stopped_by=stopped_by,
         )
 
-    @staticmethod
-    def _write(f: Any, **record: Any) -> None:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
+    def _log_step(
+        self, metrics: MetricsLog, stats: StepStats, dt: float, peak: float | None
+    ) -> None:
+        tokens_per_s = self.tokens_per_step / dt
+        metrics.write(
+            step=self.step,
+            loss=stats.loss,
+            lr=stats.lr,
+            grad_norm=stats.grad_norm,
+            ms_per_iter=dt * 1e3,
+            tokens_per_s=tokens_per_s,
+            mfu=tokens_per_s * self.flops_per_token / peak if peak else None,
+            mem_gb=peak_memory_gb(self.device),
+        )
+
+    def _log_eval(self, metrics: MetricsLog, losses: dict[str, float], tokens_per_s: float) -> None:
+        if self.is_main:
+            log.info(
+                "step %d: train loss %.4f, val loss %.4f, %.0f tokens/s",
+                self.step,
+                losses["train"],
+                losses["val"],
+                tokens_per_s,
+            )
+        metrics.write(step=self.step, train_loss=losses["train"], val_loss=losses["val"])
+
+    def _log_sample(self) -> None:
+        if self._samples_everywhere():
+            text = self.sample(self.cfg.sample_tokens or 200)
+            if self.is_main:
+                log.info("step %d sample:\n%s", self.step, text)
+
+    def _stop_requested(self, stop: StopRequest) -> bool:
+        """Whether any process was asked to stop: all of them stop at the same step."""
+        if not self.env.enabled:
+            return bool(stop.signal_name)
+        flag = torch.tensor([1.0 if stop.signal_name else 0.0], device=self.device)
+        return bool(distributed.all_reduce(flag, self.env, op="max").item())
+
+    def _plot(self) -> None:
+        try:
+            from gpt2.plot import plot_run
+        except ImportError:
+            log.info("matplotlib is not installed: no %s (pip install matplotlib)", PLOT_FILE)
+            return
+        try:
+            plot_run(self.out_dir, self.out_dir / PLOT_FILE)
+        except UserError as e:
+            log.warning("no plot: %s", e)
+
+
+def build_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and embeddings only (biases and LayerNorm gains are
+    1-D: they set scales and offsets, and decaying them towards zero only hurts).
+
+    The fused kernel (one pass over each tensor for the whole update) where the device has one:
+    CUDA, and the CPU since torch 2.4; foreach elsewhere, and for FSDP's sharded parameters.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = device.type in ("cuda", "cpu") and not cfg.fsdp
+    kind = {"fused": True} if fused else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), **kind)

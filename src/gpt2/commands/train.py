@@ -1,9 +1,15 @@
-"""``gpt2 train``: train a model; with no options, the TinyShakespeare character demo."""
+"""``gpt2 train``: train a model; with no options, the TinyShakespeare character demo.
+
+Under ``torchrun --nproc_per_node=N -m gpt2 train ...`` each process runs this command; they
+find each other through torchrun's environment (see `gpt2.distributed`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+from importlib import resources
+from pathlib import Path
 
 from gpt2.commands.options import add_dataclass_flags, given_flags
 from gpt2.config import GPTConfig, TrainConfig, load_toml
@@ -16,23 +22,49 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="train a model (no options: a small character model on TinyShakespeare)",
-        description="Train a GPT. Values come from the defaults, then --config, then flags (flags win).",
+        description="Train a GPT. Values come from the defaults, then --config, then flags "
+        "(flags win). Ready-made configs: " + ", ".join(packaged_configs()) + ".",
     )
     p.add_argument(
         "--config",
-        help="TOML file: training fields at the top level, model fields in a [model] table",
+        help="TOML file (training fields at the top level; a [model] table with the preset "
+        "and fields that override it), or the name of a ready-made config",
     )
     add_dataclass_flags(p, TrainConfig, "training")
     add_dataclass_flags(p, GPTConfig, "model shape (overrides the preset)", exclude=("vocab_size",))
     p.set_defaults(func=run)
 
 
+def packaged_configs() -> list[str]:
+    """Names of the configs shipped in ``gpt2/configs`` (without ``.toml``)."""
+    folder = resources.files("gpt2") / "configs"
+    return sorted(
+        f.name.removesuffix(".toml") for f in folder.iterdir() if f.name.endswith(".toml")
+    )
+
+
+def config_path(name: str) -> Path:
+    """A TOML file path as given, else a packaged config of that name."""
+    if Path(name).is_file() or name.endswith(".toml") or "/" in name:
+        return Path(name)
+    packaged = resources.files("gpt2") / "configs" / f"{name}.toml"
+    if not packaged.is_file():
+        known = ", ".join(packaged_configs())
+        raise UserError(f"config {name!r} is neither a file nor a ready-made config ({known})")
+    return Path(str(packaged))
+
+
 def resolve_configs(args: argparse.Namespace) -> tuple[TrainConfig, dict]:
     """Defaults, then the TOML file, then the flags."""
-    file_values = load_toml(args.config) if args.config else {}
+    file_values = load_toml(config_path(args.config)) if args.config else {}
     model_values = file_values.pop("model", {})
+    if isinstance(model_values, str):  # model = "gpt2": the preset, with no [model] table
+        model_values = {"preset": model_values}
     if not isinstance(model_values, dict):
-        raise UserError("config file: [model] must be a table")
+        raise UserError("config file: model must be a preset name or a [model] table")
+    model_values = dict(model_values)
+    if "preset" in model_values:  # [model] preset = "gpt2", then fields that override it
+        file_values["model"] = model_values.pop("preset")
     if "vocab_size" in model_values:
         raise UserError("config file: vocab_size comes from the data; remove it from [model]")
     unknown = set(model_values) - set(GPTConfig.__dataclass_fields__)
@@ -44,13 +76,26 @@ def resolve_configs(args: argparse.Namespace) -> tuple[TrainConfig, dict]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gpt2 import distributed
     from gpt2.train import Trainer
 
     cfg, overrides = resolve_configs(args)
-    result = Trainer(cfg, overrides, show_progress=not args.quiet).run()
+    env = distributed.env_from_torchrun()
+    try:
+        result = Trainer(cfg, overrides, show_progress=not args.quiet).run()
+    finally:
+        distributed.teardown(env)
+    if not env.is_main:
+        return 0
     log.info(
-        "done: %d steps in %.1fs (%.1f ms/step, %.0f tokens/s); train loss %.4f, val loss %.4f",
-        result.step, result.wall_s, result.ms_per_iter, result.tokens_per_s, result.train_loss, result.val_loss,
+        "%s: %d steps in %.1fs (%.1f ms/step, %.0f tokens/s); train loss %.4f, val loss %.4f",
+        f"stopped by {result.stopped_by}" if result.stopped_by else "done",
+        result.step,
+        result.wall_s,
+        result.ms_per_iter,
+        result.tokens_per_s,
+        result.train_loss,
+        result.val_loss,
     )
     log.info("checkpoint: %s", result.checkpoint)
     if result.sample:

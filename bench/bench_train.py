@@ -1,0 +1,225 @@
+"""Training-step speed and memory against transformers' GPT2LMHeadModel, fp32 on the CPU.
+
+Two shapes:
+- ``small``: nanoGPT's character CPU recipe (4 layers x 128, context 64, batch 12, vocabulary 65);
+- ``124m``: GPT-2 124M (12 x 768, vocabulary 50257) at batch 4 x 256.
+
+Ours is `gpt2.train.Trainer.train_step` itself: batch loading, forward, backward, clipping,
+AdamW, exactly what `gpt2 train` runs. The reference is GPT2LMHeadModel with the same config,
+SDPA attention, the same AdamW (same groups, same fused kernel), the same clipping and the same
+batches. Steps of the two alternate in one process so that a busy machine slows both alike;
+the medians are compared. MFU is against the median of a few fp32 matrix-product probes. Peak
+RSS is measured in a fresh subprocess per model (peak RSS only grows within a process).
+
+Usage: python bench/bench_train.py [--shape small|124m|both] [--steps N]
+Prints the figures, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gpt2.assets import fetch
+from gpt2.config import GPTConfig, TrainConfig
+from gpt2.data import load_split, prepare, read_meta
+from gpt2.loader import Layout, TrainBatches, WindowSequence
+from gpt2.metrics import cpu_peak_flops, peak_memory_gb
+from gpt2.train import Trainer, build_optimizer
+
+SHAPES = {
+    "small": dict(
+        tokenizer="char",
+        model="char-small",
+        batch_size=12,
+        overrides={"dropout": 0.0},
+        steps=40,
+        warmup=5,
+        goal_speed=1.4,
+    ),
+    "124m": dict(
+        tokenizer="gpt2",
+        model="gpt2",
+        batch_size=4,
+        overrides={"block_size": 256, "dropout": 0.0},
+        steps=5,
+        warmup=2,
+        goal_speed=1.1,
+    ),
+}
+
+
+def data_dir(tokenizer: str, root: Path) -> Path:
+    folder = root / f"shakespeare-{tokenizer}"
+    if not (folder / "meta.json").is_file():
+        prepare(
+            fetch("tinyshakespeare/input.txt"), folder, tokenizer=tokenizer, show_progress=False
+        )
+    return folder
+
+
+def our_config(shape: dict, root: Path) -> TrainConfig:
+    return TrainConfig(
+        data=str(data_dir(shape["tokenizer"], root)),
+        out_dir=str(root / "out"),
+        model=shape["model"],
+        batch_size=shape["batch_size"],
+        eval_iters=1,
+        sample_tokens=0,
+        device="cpu",
+        dtype="float32",
+        plot=False,
+    )
+
+
+def our_trainer(shape: dict, root: Path) -> Trainer:
+    return Trainer(our_config(shape, root), shape["overrides"], show_progress=False)
+
+
+class HFStep:
+    """The reference: one AdamW step of GPT2LMHeadModel on the next batch of ``batches``."""
+
+    def __init__(self, c: GPTConfig, cfg: TrainConfig, batches: TrainBatches) -> None:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(
+            vocab_size=c.vocab_size,
+            n_positions=c.block_size,
+            n_embd=c.n_embd,
+            n_layer=c.n_layer,
+            n_head=c.n_head,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            activation_function="gelu_new",
+            attn_implementation="sdpa",
+        )
+        torch.manual_seed(0)
+        self.model = GPT2LMHeadModel(config).train()
+        self.optimizer = build_optimizer(self.model, cfg, torch.device("cpu"))
+        self.batches = batches
+        self.grad_clip = cfg.grad_clip
+
+    @classmethod
+    def beside(cls, trainer: Trainer) -> HFStep:
+        """The same shape and settings as ``trainer``, on its own copy of the same batches."""
+        batches = TrainBatches(trainer.batches.sequence, trainer.batches.layout)
+        return cls(trainer.model.config, trainer.cfg, batches)
+
+    def __call__(self) -> float:
+        ((x, y),) = self.batches.next_step()
+        logits = self.model(input_ids=x).logits  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+
+def median_peak(n: int = 5) -> float:
+    """Median of a few matrix-product probes (each the best of several products)."""
+    return statistics.median(cpu_peak_flops.__wrapped__() for _ in range(n))
+
+
+def compare(name: str, root: Path, steps: int | None) -> dict:
+    shape = SHAPES[name]
+    trainer = our_trainer(shape, root)
+    hf = HFStep.beside(trainer)
+    tokens = trainer.tokens_per_step
+    flops = trainer.flops_per_token
+    times: dict[str, list[float]] = {"ours": [], "transformers": []}
+    runs = {"ours": trainer.train_step, "transformers": hf}
+    n = steps or shape["steps"]
+    for i in range(shape["warmup"] + n):
+        for side, step in runs.items():
+            start = time.perf_counter()
+            step()
+            if i >= shape["warmup"]:
+                times[side].append(time.perf_counter() - start)
+    peak = median_peak()
+    out = {"shape": name, "tokens_per_step": tokens, "peak_gflops": peak / 1e9}
+    for side, ts in times.items():
+        tps = tokens / statistics.median(ts)
+        out[side] = {"tokens_per_s": tps, "mfu": tps * flops / peak}
+    out["speed_ratio"] = out["ours"]["tokens_per_s"] / out["transformers"]["tokens_per_s"]
+    out["goal_speed"] = shape["goal_speed"]
+    return out
+
+
+def peak_rss(name: str, side: str, root: Path) -> float:
+    """Peak RSS in GB of a fresh process that builds one side and runs a few steps."""
+    here = str(Path(__file__).parent)
+    code = (
+        f"import sys; sys.path.insert(0, {here!r}); import bench_train as b; "
+        f"from pathlib import Path; b.rss_child({name!r}, {side!r}, Path({str(root)!r}))"
+    )
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise RuntimeError(done.stderr)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def rss_child(name: str, side: str, root: Path) -> None:
+    shape = SHAPES[name]
+    if side == "ours":
+        step = our_trainer(shape, root).train_step
+    else:  # the same config and batches, without ever building our model in this process
+        folder = data_dir(shape["tokenizer"], root)
+        meta = read_meta(folder)
+        config = GPTConfig.preset(
+            shape["model"], **{**shape["overrides"], "vocab_size": meta["vocab_size"]}
+        )
+        cfg = our_config(shape, root)
+        sequence = WindowSequence([load_split(folder, "train")], config.block_size, cfg.seed)
+        step = HFStep(config, cfg, TrainBatches(sequence, Layout(cfg.batch_size)))
+    for _ in range(3):
+        step()
+    print(peak_memory_gb(torch.device("cpu")))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=[*SHAPES, "both"], default="both")
+    parser.add_argument("--steps", type=int, default=None, help="measured steps per side")
+    parser.add_argument("--no-rss", action="store_true", help="skip the peak RSS subprocesses")
+    args = parser.parse_args()
+    names = list(SHAPES) if args.shape == "both" else [args.shape]
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for name in names:
+            r = compare(name, root, args.steps)
+            if not args.no_rss:
+                for side in ("ours", "transformers"):
+                    r[side]["peak_rss_gb"] = peak_rss(name, side, root)
+                r["rss_ratio"] = r["ours"]["peak_rss_gb"] / r["transformers"]["peak_rss_gb"]
+            results.append(r)
+            print(
+                f"== {name}: {r['tokens_per_step']} tokens a step, "
+                f"matmul peak {r['peak_gflops']:.0f} GFLOP/s"
+            )
+            for side in ("ours", "transformers"):
+                s = r[side]
+                rss = f", peak RSS {s['peak_rss_gb']:.2f} GB" if "peak_rss_gb" in s else ""
+                print(f"  {side:13s} {s['tokens_per_s']:9.0f} tokens/s  MFU {s['mfu']:.1%}{rss}")
+            print(
+                f"  speed ratio {r['speed_ratio']:.2f}x (goal >= {r['goal_speed']}x)"
+                + (f", RSS ratio {r['rss_ratio']:.2f}x" if "rss_ratio" in r else "")
+            )
+    print(json.dumps({"bench": "train", "results": results}))
+
+
+if __name__ == "__main__":
+    main()
