@@ -42,7 +42,7 @@ def test_every_window_once_per_epoch_and_never_across_arrays():
 
 
 def test_too_short_data_is_a_clear_error():
-    with pytest.raises(UserError, match="no window of block_size \\+ 1 = 9 tokens"):
+    with pytest.raises(UserError, match="fewer than one window of block_size \\+ 1 = 9 tokens"):
         WindowSequence(
             [np.arange(8, dtype=np.uint16)], block_size=8, seed=0, name="the train split"
         )

@@ -94,8 +94,8 @@ class WindowSequence:
         if self.n_windows == 0:
             longest = max((len(a) for a in self.arrays), default=0)
             raise UserError(
-                f"{name} has no window of block_size + 1 = {block_size + 1} tokens (its longest "
-                f"piece has {longest}); use more text or a smaller block_size"
+                f"{name} has fewer than one window of block_size + 1 = {block_size + 1} tokens "
+                f"(its longest piece has {longest}); use more text or a smaller block_size"
             )
         self.first_id = np.concatenate(([0], np.cumsum(counts)))  # window ids of array i start here
         self._cached_block: tuple[int, np.ndarray] | None = None
