@@ -180,6 +180,20 @@ class TrainConfig:
     peak_tflops: float = _help(
         "the device's peak TFLOP/s for MFU (0: a table of GPUs, or a CPU probe)", default=0.0
     )
+    # A benchmark during training (gpt2.evaluate; see docs/evaluation.md).
+    eval_task: str = _help(
+        "run this benchmark during training: perplexity, hellaswag or lambada (empty: none)",
+        default="",
+    )
+    eval_every: int = _help(
+        "run eval_task every this many steps (0: with every loss estimate)", default=0
+    )
+    eval_limit: int = _help(
+        "use the first N items of eval_task (perplexity: N tokens; 0: all)", default=0
+    )
+    eval_data: str = _help(
+        "a local copy of eval_task's data (empty: its public data set)", default=""
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -194,6 +208,7 @@ class TrainConfig:
                 )
         non_negative = ("warmup_iters", "lr_decay_iters", "sample_tokens", "num_threads")
         non_negative += ("total_batch_tokens", "save_interval", "sample_interval", "peak_tflops")
+        non_negative += ("eval_every", "eval_limit")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise UserError(
@@ -220,6 +235,10 @@ class TrainConfig:
             )
         if self.on_nan not in ("stop", "skip"):
             raise UserError(f"train config: on_nan must be stop or skip, got {self.on_nan!r}")
+        if self.eval_task not in ("", "perplexity", "hellaswag", "lambada"):  # gpt2.evaluate.TASKS
+            raise UserError(
+                f"train config: unknown eval_task {self.eval_task!r} (perplexity, hellaswag, lambada)"
+            )
 
     @property
     def decay_iters(self) -> int:

@@ -48,6 +48,7 @@ from gpt2.checkpoint import (
 from gpt2.config import GPTConfig, TrainConfig
 from gpt2.data import load_split, prepare, read_meta
 from gpt2.errors import UserError
+from gpt2.evaluate import Task, load_task
 from gpt2.generate import generate
 from gpt2.loader import Layout, TrainBatches, WindowSequence, fixed_batches
 from gpt2.metrics import (
@@ -243,6 +244,11 @@ class Trainer:
         self.data_dir = Path(cfg.data) if cfg.data else default_data_dir()
         meta = read_meta(self.data_dir)
         self.tokenizer = load_tokenizer(self.data_dir)
+        # The benchmark of --eval-task, read once now: a bad file stops the run before step 1.
+        self.eval_task: Task | None = None
+        if cfg.eval_task:
+            limit = cfg.eval_limit or None
+            self.eval_task = load_task(cfg.eval_task, self.tokenizer, cfg.eval_data or None, limit)
         self.out_dir = Path(cfg.out_dir)
         self.checkpoints = RunCheckpoints(self.out_dir, cfg.keep_last)
         resume_from = self._checkpoint_to_resume()
@@ -627,6 +633,7 @@ class Trainer:
                         losses = self.estimate_loss()
                         tokens_per_s = self.tokens_per_step * (step - first_step) / train_time
                         self._log_eval(metrics, losses, tokens_per_s)
+                    self._run_eval_task(metrics, evaluated=evaluate)
                     if cfg.sample_interval and step % cfg.sample_interval == 0:
                         self._log_sample()
                     stop_now = self._stop_requested(stop)
@@ -691,6 +698,20 @@ class Trainer:
                 tokens_per_s,
             )
         metrics.write(step=self.step, train_loss=losses["train"], val_loss=losses["val"])
+
+    def _run_eval_task(self, metrics: MetricsLog, evaluated: bool) -> None:
+        """--eval-task every eval_every steps (0: with each loss estimate). Every process scores
+        (under FSDP each holds a shard of the weights); rank 0 logs."""
+        every = self.cfg.eval_every
+        if self.eval_task is None or not (self.step % every == 0 if every else evaluated):
+            return
+        with self._autocast():
+            figures = self.eval_task.evaluate(self.model, self.cfg.batch_size)
+        name = self.eval_task.name
+        if self.is_main:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in figures.items() if isinstance(v, float))
+            log.info("step %d: %s %s", self.step, name, shown)
+        metrics.write(step=self.step, **{f"eval/{name}/{k}": v for k, v in figures.items()})
 
     def _log_sample(self) -> None:
         if self._samples_everywhere():
