@@ -66,6 +66,7 @@ class GPTConfig:
 
     @property
     def head_size(self) -> int:
+        """Width of one attention head: n_embd / n_head (64 in every GPT-2 size)."""
         return self.n_embd // self.n_head
 
     @classmethod
@@ -78,10 +79,12 @@ class GPTConfig:
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as plain JSON values (a checkpoint's ``config.json`` ``model`` entry)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GPTConfig:
+        """The inverse of `to_dict`; an unknown field is a `UserError`, not silently dropped."""
         return cls(**_known_fields(cls, data, "model config"))
 
 
@@ -174,7 +177,9 @@ class TrainConfig:
         default=2,
     )
     on_nan: str = _help("a NaN or infinite loss: stop (default) or skip the step", default="stop")
-    sample_interval: int = _help("log a sample every this many steps (0: at the end only)", default=0)
+    sample_interval: int = _help(
+        "log a sample every this many steps (0: at the end only)", default=0
+    )
     tensorboard: bool = _help("also log to TensorBoard in out_dir/tensorboard", default=False)
     plot: bool = _help("draw out_dir/metrics.png at the end (needs matplotlib)", default=True)
     peak_tflops: float = _help(
@@ -199,6 +204,7 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        """Raise `UserError` naming the first field that is out of range."""
         positive = ("max_iters", "batch_size", "eval_interval", "eval_iters", "log_interval")
         positive += ("keep_last",)
         for name in positive:
@@ -242,13 +248,16 @@ class TrainConfig:
 
     @property
     def decay_iters(self) -> int:
+        """The step at which the cosine decay reaches ``min_lr`` (``lr_decay_iters``, 0: the end)."""
         return self.lr_decay_iters or self.max_iters
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as plain JSON values (a checkpoint's ``config.json`` ``train`` entry)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """The inverse of `to_dict`; an unknown field is a `UserError`, not silently dropped."""
         return cls(**_known_fields(cls, data, "train config"))
 
 
