@@ -28,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "prepare",
         help="tokenize text files, JSONL, Parquet or a Hugging Face dataset into token files",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        # The module docstring, without its reST markup: --help shows it as plain text.
+        description=__doc__.split("\n\n", 1)[1].replace("``", "") if __doc__ else None,
     )
     p.add_argument("--input", nargs="+", metavar="PATH",
                    help="text files, .jsonl/.jsonl.gz, .parquet, or folders of them (default: TinyShakespeare, downloaded once)")  # fmt: skip
