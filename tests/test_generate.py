@@ -436,7 +436,9 @@ def test_bad_prompts_are_refused_with_a_clear_message() -> None:
     with pytest.raises(UserError, match="need a tokenizer"):
         complete(model, [[1]], SamplingParams(stop=("x",)))
     with pytest.raises(UserError, match="streaming gives one sequence"):
-        next(stream(model, CHARS, "ab", SamplingParams(num_beams=2)))
+        stream(model, CHARS, "ab", SamplingParams(num_beams=2))  # raised at the call, not later
+    with pytest.raises(UserError, match="prompt 0 has 17 tokens"):
+        stream(model, CharTokenizer("a"), "a" * 17)
     with pytest.raises(UserError, match="prompt 0 has 17 tokens"):
         generate(model, torch.ones((1, 17), dtype=torch.long), 3)
 

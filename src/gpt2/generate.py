@@ -200,7 +200,6 @@ class _Run:
 
     prompt_index: int
     slot: int
-    prompt: list[int]
     params: SamplingParams
     generator: torch.Generator
     penalties: PenaltyState | None
@@ -285,7 +284,6 @@ def _start_runs(
                 _Run(
                     prompt_index=i,
                     slot=slot,
-                    prompt=prompt,
                     params=params,
                     generator=make_generator(base_seed + j, device),
                     penalties=PenaltyState(prompt, vocab, device) if params.penalised else None,
@@ -397,15 +395,16 @@ def stream(
     *,
     window_keep: int | None = None,
 ) -> Iterator[str]:
-    """Text pieces of one completion as they are generated (see the module docstring)."""
+    """Text pieces of one completion as they are generated (see the module docstring).
+
+    Settings and prompt are checked, and the prompt prefilled, before this returns."""
     params = params or SamplingParams()
     _check_params(params, tokenizer)
     if params.num_beams > 1 or params.num_return_sequences > 1:
         raise UserError("streaming gives one sequence: use num_beams=1 and num_return_sequences=1")
     ids = _prompt_ids(model, [prompt], tokenizer, tokenizer.eot_token)
     engine, runs = _start_runs(model, ids, params, tokenizer, window_keep)
-    for _, piece in _decode(engine, runs, tokenizer.eot_token):
-        yield piece
+    return (piece for _, piece in _decode(engine, runs, tokenizer.eot_token))
 
 
 @torch.no_grad()
@@ -439,6 +438,10 @@ def generate(
     ).validate()
     if params.num_return_sequences != 1:
         raise UserError("generate() returns one sequence per row: repeat rows of idx instead")
+    if params.stop:
+        raise UserError(
+            "generate() reads no text: use complete() with a tokenizer for stop strings"
+        )
     prompts = _prompt_ids(model, idx.tolist(), None, None)
     if params.num_beams > 1:
         rows = [c.tokens for c in _complete_beams(model, prompts, params, None, None)]

@@ -147,12 +147,13 @@ def run(args: argparse.Namespace) -> int:
         prompt = "\n"  # a character vocabulary has no end-of-text: start from a new line
     if args.stream:
         for i in range(args.num_samples):
+            # Sample i of a batch uses seed + i (gpt2.generate): streamed, it is the same text.
+            one = dataclasses.replace(params, seed=params.seed + i, num_return_sequences=1)
+            pieces = stream(model, tok, prompt, one)  # a bad prompt fails here, before output
             if args.num_samples > 1:
                 print(f"--- sample {i + 1} ---")
             print(args.prompt, end="", flush=True)
-            # Sample i of a batch uses seed + i (gpt2.generate): streamed, it is the same text.
-            one = dataclasses.replace(params, seed=params.seed + i, num_return_sequences=1)
-            for piece in stream(model, tok, prompt, one):
+            for piece in pieces:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             print()
