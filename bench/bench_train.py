@@ -11,7 +11,7 @@ batches. Steps of the two alternate in one process so that a busy machine slows 
 the medians are compared. MFU is against the median of a few fp32 matrix-product probes. Peak
 RSS is measured in a fresh subprocess per model (peak RSS only grows within a process).
 
-Usage: python bench/bench_train.py [--shape small|124m|both] [--steps N]
+Usage: python bench/bench_train.py [--shape small|124m|both] [--rounds N] [--compile] [--no-rss]
 Prints the figures, then one JSON line.
 """
 
@@ -43,7 +43,8 @@ SHAPES = {
         model="char-small",
         batch_size=12,
         overrides={"dropout": 0.0},
-        steps=40,
+        rounds=10,  # rounds of `block` steps of each side in turn
+        block=8,
         warmup=5,
         goal_speed=1.4,
     ),
@@ -52,7 +53,8 @@ SHAPES = {
         model="gpt2",
         batch_size=4,
         overrides={"block_size": 256, "dropout": 0.0},
-        steps=5,
+        rounds=4,
+        block=1,
         warmup=2,
         goal_speed=1.1,
     ),
@@ -68,8 +70,9 @@ def data_dir(tokenizer: str, root: Path) -> Path:
     return folder
 
 
-def our_config(shape: dict, root: Path) -> TrainConfig:
+def our_config(shape: dict, root: Path, compile_ours: bool = False) -> TrainConfig:
     return TrainConfig(
+        compile=compile_ours,
         data=str(data_dir(shape["tokenizer"], root)),
         out_dir=str(root / "out"),
         model=shape["model"],
@@ -82,8 +85,8 @@ def our_config(shape: dict, root: Path) -> TrainConfig:
     )
 
 
-def our_trainer(shape: dict, root: Path) -> Trainer:
-    return Trainer(our_config(shape, root), shape["overrides"], show_progress=False)
+def our_trainer(shape: dict, root: Path, compile_ours: bool = False) -> Trainer:
+    return Trainer(our_config(shape, root, compile_ours), shape["overrides"], show_progress=False)
 
 
 class HFStep:
@@ -132,27 +135,38 @@ def median_peak(n: int = 5) -> float:
     return statistics.median(cpu_peak_flops.__wrapped__() for _ in range(n))
 
 
-def compare(name: str, root: Path, steps: int | None) -> dict:
+def compare(name: str, root: Path, rounds: int | None, compile_ours: bool = False) -> dict:
+    """Rounds of ``block`` steps of each side in turn; per side the median step time over the
+    rounds' block means, and the speed ratio as the median of the rounds' ratios (a round's two
+    blocks run seconds apart, so a burst of load on the machine mostly cancels out)."""
     shape = SHAPES[name]
-    trainer = our_trainer(shape, root)
+    trainer = our_trainer(shape, root, compile_ours)
     hf = HFStep.beside(trainer)
     tokens = trainer.tokens_per_step
     flops = trainer.flops_per_token
-    times: dict[str, list[float]] = {"ours": [], "transformers": []}
     runs = {"ours": trainer.train_step, "transformers": hf}
-    n = steps or shape["steps"]
-    for i in range(shape["warmup"] + n):
+    for step in runs.values():
+        for _ in range(shape["warmup"]):
+            step()
+    block: dict[str, list[float]] = {"ours": [], "transformers": []}
+    for _ in range(rounds or shape["rounds"]):
         for side, step in runs.items():
             start = time.perf_counter()
-            step()
-            if i >= shape["warmup"]:
-                times[side].append(time.perf_counter() - start)
+            for _ in range(shape["block"]):
+                step()
+            block[side].append((time.perf_counter() - start) / shape["block"])
     peak = median_peak()
-    out = {"shape": name, "tokens_per_step": tokens, "peak_gflops": peak / 1e9}
-    for side, ts in times.items():
+    out = {
+        "shape": name,
+        "compiled": compile_ours,
+        "tokens_per_step": tokens,
+        "peak_gflops": peak / 1e9,
+    }
+    for side, ts in block.items():
         tps = tokens / statistics.median(ts)
         out[side] = {"tokens_per_s": tps, "mfu": tps * flops / peak}
-    out["speed_ratio"] = out["ours"]["tokens_per_s"] / out["transformers"]["tokens_per_s"]
+    ratios = [h / o for o, h in zip(block["ours"], block["transformers"], strict=True)]
+    out["speed_ratio"] = statistics.median(ratios)
     out["goal_speed"] = shape["goal_speed"]
     return out
 
@@ -189,10 +203,25 @@ def rss_child(name: str, side: str, root: Path) -> None:
     print(peak_memory_gb(torch.device("cpu")))
 
 
+def report(r: dict) -> None:
+    how = " (ours compiled)" if r["compiled"] else ""
+    print(
+        f"== {r['shape']}{how}: {r['tokens_per_step']} tokens a step, "
+        f"matmul peak {r['peak_gflops']:.0f} GFLOP/s"
+    )
+    for side in ("ours", "transformers"):
+        s = r[side]
+        rss = f", peak RSS {s['peak_rss_gb']:.2f} GB" if "peak_rss_gb" in s else ""
+        print(f"  {side:13s} {s['tokens_per_s']:9.0f} tokens/s  MFU {s['mfu']:.1%}{rss}")
+    rss = f", RSS ratio {r['rss_ratio']:.2f}x (goal <= 0.8x)" if "rss_ratio" in r else ""
+    print(f"  speed ratio {r['speed_ratio']:.2f}x (goal >= {r['goal_speed']}x){rss}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=[*SHAPES, "both"], default="both")
-    parser.add_argument("--steps", type=int, default=None, help="measured steps per side")
+    parser.add_argument("--rounds", type=int, default=None, help="measured rounds per side")
+    parser.add_argument("--compile", action="store_true", help="also time ours compiled")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak RSS subprocesses")
     args = parser.parse_args()
     names = list(SHAPES) if args.shape == "both" else [args.shape]
@@ -200,24 +229,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for name in names:
-            r = compare(name, root, args.steps)
+            r = compare(name, root, args.rounds)
             if not args.no_rss:
                 for side in ("ours", "transformers"):
                     r[side]["peak_rss_gb"] = peak_rss(name, side, root)
                 r["rss_ratio"] = r["ours"]["peak_rss_gb"] / r["transformers"]["peak_rss_gb"]
             results.append(r)
-            print(
-                f"== {name}: {r['tokens_per_step']} tokens a step, "
-                f"matmul peak {r['peak_gflops']:.0f} GFLOP/s"
-            )
-            for side in ("ours", "transformers"):
-                s = r[side]
-                rss = f", peak RSS {s['peak_rss_gb']:.2f} GB" if "peak_rss_gb" in s else ""
-                print(f"  {side:13s} {s['tokens_per_s']:9.0f} tokens/s  MFU {s['mfu']:.1%}{rss}")
-            print(
-                f"  speed ratio {r['speed_ratio']:.2f}x (goal >= {r['goal_speed']}x)"
-                + (f", RSS ratio {r['rss_ratio']:.2f}x" if "rss_ratio" in r else "")
-            )
+            report(r)
+            if args.compile:
+                results.append(compare(name, root, args.rounds, compile_ours=True))
+                report(results[-1])
     print(json.dumps({"bench": "train", "results": results}))
 
 

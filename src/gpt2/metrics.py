@@ -95,8 +95,19 @@ def peak_memory_gb(device: torch.device) -> float:
     """Peak memory so far: GPU memory allocated by torch on CUDA, else the process's peak RSS."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
+    return peak_rss_bytes() / 1e9
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. Linux's VmHWM, where there is one: ``ru_maxrss``
+    survives ``exec``, so a child process would report its parent's peak if that was higher."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9  # bytes on macOS, KiB else
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
 class MetricsLog:

@@ -34,7 +34,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gpt2 import data as data_module
 from gpt2 import distributed
 from gpt2.assets import fetch
 from gpt2.checkpoint import (
@@ -46,7 +45,7 @@ from gpt2.checkpoint import (
     save_checkpoint,
 )
 from gpt2.config import GPTConfig, TrainConfig
-from gpt2.data import load_split, prepare, read_meta
+from gpt2.data import load_split_shards, prepare, read_meta
 from gpt2.errors import UserError
 from gpt2.evaluate import Task, load_task
 from gpt2.generate import generate
@@ -144,11 +143,8 @@ def default_data_dir() -> Path:
 
 
 def split_arrays(data_dir: Path, split: str) -> list[np.ndarray]:
-    """The token arrays of a split: its shards where the data has several, else one array."""
-    load_shards = getattr(data_module, "load_split_shards", None)
-    if load_shards is not None:
-        return list(load_shards(data_dir, split))
-    return [load_split(data_dir, split)]
+    """The token arrays of a split: one per shard (a single-file split gives one)."""
+    return load_split_shards(data_dir, split)
 
 
 def capture_rng() -> dict[str, Any]:
