@@ -101,12 +101,27 @@ def test_sample_is_reproducible_and_keeps_prompt(
     assert first.startswith("First") and len(first.rstrip("\n")) == len("First") + 20
 
 
-def test_sample_refuses_a_prompt_longer_than_the_context(
+def test_sample_crops_a_long_prompt_from_the_left(
     trained: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    prompt = "hear me speak. " * 10  # 150 characters, context is 32 (issue 5: an error, not a crop)
-    err = run_cli_error(["sample", "--checkpoint", str(trained), "--prompt", prompt], capsys)
-    assert "prompt 0 has 150 tokens; the model's context holds 32" in err
+    prompt = "hear me speak. " * 10  # 150 characters, context is 32
+    args = ["sample", "--checkpoint", str(trained), "--max-new-tokens", "5", "--temperature", "0"]
+    assert main([*args, "--prompt", prompt]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith(prompt) and len(out.out.rstrip("\n")) == 155
+    assert "keeping the last 32" in out.err
+    # The model saw only the last 32 characters: the same continuation as that prompt alone.
+    assert main([*args, "--prompt", prompt[-32:]]) == 0
+    assert capsys.readouterr().out[32:] == out.out[150:]
+
+
+def test_sample_from_a_hugging_face_folder(trained: Path, tmp_path: Path, capsys) -> None:
+    assert main(["-q", "export", "--checkpoint", str(trained), "--out", str(tmp_path / "hf")]) == 0
+    args = ["--prompt", "First", "--max-new-tokens", "8", "--temperature", "0"]
+    assert main(["sample", "--checkpoint", str(tmp_path / "hf"), *args]) == 0
+    from_hf = capsys.readouterr().out
+    assert main(["sample", "--checkpoint", str(trained), *args]) == 0
+    assert capsys.readouterr().out == from_hf
 
 
 def run_cli_error(argv: list[str], capsys: pytest.CaptureFixture) -> str:

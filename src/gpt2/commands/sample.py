@@ -5,18 +5,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
+
+import torch
 
 from gpt2.checkpoint import load_checkpoint
 from gpt2.errors import UserError
 from gpt2.generate import SamplingParams, complete, stream
+from gpt2.model import GPT
 from gpt2.quantize import QUANTIZE_MODES, prepare_for_decoding
+from gpt2.tokenizer import Tokenizer
 from gpt2.train import resolve_device
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="generate text from a checkpoint")
     p.add_argument(
-        "--checkpoint", required=True, help="checkpoint folder (or the run folder holding ckpt/)"
+        "--checkpoint",
+        required=True,
+        help="checkpoint folder (or the run folder holding it), a Hugging Face GPT-2 folder, or a Hub name",
     )
     p.add_argument("--prompt", default="", help="text to continue (default: start of text)")
     p.add_argument(
@@ -137,14 +144,50 @@ def params_from_args(args: argparse.Namespace) -> SamplingParams:
     return params
 
 
+def load_model(source: str, device: torch.device) -> tuple[GPT, Tokenizer]:
+    """Our checkpoint (or run) folder, a Hugging Face GPT-2 folder, or a Hub name (``gpt2``)."""
+    from gpt2.hf import load_pretrained
+
+    path = Path(source).expanduser()
+    if path.exists():
+        config = path / "config.json"
+        if config.is_file() and '"model_type"' in config.read_text(
+            encoding="utf-8", errors="replace"
+        ):
+            return load_pretrained(path, device)
+        ckpt = load_checkpoint(path, device)  # clear errors for a folder that is not a checkpoint
+        return ckpt.model, ckpt.tokenizer
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise UserError(f"checkpoint folder not found: {path}")
+    return load_pretrained(source, device)  # a Hub name: gpt2, gpt2-medium, org/name
+
+
+def crop_prompt(prompt: str, tok: Tokenizer, block_size: int) -> str | list[int]:
+    """The prompt's ids, cropped from the left to the context (with a note on stderr).
+
+    The library (`gpt2.generate`) refuses a prompt longer than the context; the command line
+    keeps its last ``block_size`` tokens instead, since the model could not see the rest anyway.
+    """
+    if not prompt:
+        # A character vocabulary has no end-of-text: start from a new line.
+        return "\n" if tok.eot_token is None else prompt
+    ids = tok.encode(prompt)
+    if len(ids) > block_size:
+        print(
+            f"gpt2 sample: note: the prompt has {len(ids)} tokens; keeping the last {block_size} "
+            "(the model's context)",
+            file=sys.stderr,
+        )
+        ids = ids[-block_size:]
+    return ids
+
+
 def run(args: argparse.Namespace) -> int:
     params = params_from_args(args)
     device = resolve_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint, device)
-    model, tok = prepare_for_decoding(ckpt.model, args.quantize), ckpt.tokenizer
-    prompt = args.prompt
-    if not prompt and tok.eot_token is None:
-        prompt = "\n"  # a character vocabulary has no end-of-text: start from a new line
+    model, tok = load_model(args.checkpoint, device)
+    model = prepare_for_decoding(model, args.quantize)
+    prompt = crop_prompt(args.prompt, tok, model.config.block_size)
     if args.stream:
         for i in range(args.num_samples):
             # Sample i of a batch uses seed + i (gpt2.generate): streamed, it is the same text.
