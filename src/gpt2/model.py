@@ -205,7 +205,11 @@ class GPT(nn.Module):
         wpe.num_embeddings = block_size
 
     def configure_optimizer(
-        self, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str
+        self,
+        weight_decay: float,
+        learning_rate: float,
+        betas: tuple[float, float],
+        device_type: str,
     ) -> torch.optim.AdamW:
         """AdamW with weight decay on matrices and embeddings only.
 
@@ -231,7 +235,9 @@ class GPT(nn.Module):
 
         return from_pretrained(name_or_path, device)
 
-    def save_pretrained(self, folder: str, tokenizer=None) -> None:  # tokenizer: gpt2.tokenizer.Tokenizer
+    def save_pretrained(
+        self, folder: str, tokenizer=None
+    ) -> None:  # tokenizer: gpt2.tokenizer.Tokenizer
         """Write this model (and ``tokenizer``, if given) as a Hugging Face GPT-2 folder."""
         from gpt2.hf import save_pretrained
 
@@ -286,4 +292,3 @@ def linear_cross_entropy(
     ``chunk_bytes`` of logits at a time (128 MiB: 650 rows of GPT-2's vocabulary)."""
     chunk_rows = max(1, chunk_bytes // (weight.size(0) * hidden.element_size()))
     return _LinearCrossEntropy.apply(hidden, weight, targets.reshape(-1), chunk_rows)
-
