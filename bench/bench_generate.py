@@ -69,7 +69,7 @@ def weight_bytes_per_token(model: GPT) -> int:
             continue
         seen.add(id(p))
         # The embedding is only looked up when the head is int8 (it has its own copy then).
-        if name.endswith("wte.weight") and not isinstance(model.lm_head, torch.nn.Linear):
+        if name.endswith("wte.weight") and hasattr(model.lm_head, "_packed"):
             continue
         n += p.numel() * p.element_size()
     for module in model.modules():

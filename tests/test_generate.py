@@ -20,7 +20,7 @@ from gpt2.detokenize import IncrementalText
 from gpt2.errors import UserError
 from gpt2.generate import KVCacheEngine, SamplingParams, complete, generate, stream
 from gpt2.model import GPT
-from gpt2.quantize import prepare_for_decoding
+from gpt2.quantize import SplitKLinear, prepare_for_decoding
 from gpt2.sampling import PenaltyState, apply_penalties, choose_token, warp
 from gpt2.tokenizer import CharTokenizer, GPT2Tokenizer
 
@@ -387,6 +387,56 @@ def test_decode_layout_changes_storage_not_values_or_names() -> None:
     assert model.transformer.h[0].mlp.c_fc.weight.stride() == (1, 128)
     assert model.lm_head.weight is model.transformer.wte.weight
     assert torch.equal(generate(model, torch.tensor([[1, 2, 3]]), 40, temperature=0.0), tokens)
+
+
+@pytest.fixture
+def threads():
+    """Set torch's thread count inside a test; the suite's count comes back afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("n_threads", [2, 3])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("transposed", [True, False])
+def test_split_k_linear_equals_linear(
+    threads, n_threads: int, bias: bool, transposed: bool
+) -> None:
+    threads(n_threads)
+    torch.manual_seed(n_threads)
+    linear = torch.nn.Linear(48, 40, bias=bias)
+    if transposed:  # the (in, out) memory `decode_layout` makes
+        linear.weight.data = linear.weight.data.t().contiguous().t()
+    split = SplitKLinear(linear)
+    assert split.parts() == n_threads  # 48 divides by 2 and 3
+    with torch.no_grad():
+        for shape in [(1, 48), (1, 1, 48), (3, 2, 48), (20, 48)]:  # 20 rows: plain F.linear
+            x = torch.randn(shape)
+            torch.testing.assert_close(split(x), linear(x), rtol=1e-5, atol=1e-6)
+        linear.weight.mul_(2.0)  # an in-place change is seen (its views are made again)
+        x = torch.randn(1, 48)
+        torch.testing.assert_close(split(x), linear(x), rtol=1e-5, atol=1e-6)
+
+
+def test_split_k_falls_back_when_threads_do_not_divide(threads) -> None:
+    threads(2)
+    assert SplitKLinear(torch.nn.Linear(33, 8)).parts() == 1  # 33 is odd: one slice, F.linear
+
+
+def test_prepare_for_decoding_with_two_threads_keeps_tokens_names_and_tying(threads) -> None:
+    threads(2)
+    model = tiny_model(20)
+    prompt = torch.tensor([[1, 2, 3]])
+    tokens = generate(model, prompt, 60, temperature=0.0)
+    names = set(model.state_dict())
+    prepare_for_decoding(model)
+    assert isinstance(model.lm_head, SplitKLinear)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert set(model.state_dict()) == names
+    # Two threads store every weight (in, out): each slice of the input side is contiguous.
+    assert model.transformer.h[0].mlp.c_proj.weight.stride() == (1, 32)
+    assert torch.equal(generate(model, prompt, 60, temperature=0.0), tokens)
 
 
 def test_int8_logits_stay_close_to_fp32() -> None:

@@ -10,6 +10,11 @@ inference (`prepare_for_decoding`):
   as (in, out) in memory. MKL streams such a weight for one row of input at 20-25 GB/s here,
   against 14-16 GB/s in the (out, in) layout (bench/NOTES.md). The embedding lookup reads the
   head's storage with a stride, one row per token: negligible.
+- ``SplitKLinear``: with two or more torch threads, each ``nn.Linear`` multiplies its few rows
+  of input by the weight in ``p`` slices of the input side at once (one ``torch.bmm`` of ``p``
+  products, then a sum of ``p`` partial rows). MKL runs a one-row product on a single core, and
+  one core reads memory at 15-19 GB/s here against 26-28 GB/s for two; the slices let every
+  thread stream its own part of the weight.
 - ``int8``: each ``nn.Linear`` becomes `Int8Linear`: weights in int8 with one scale per output
   channel (4x fewer bytes than fp32), activations quantized per tensor on the fly (dynamic
   quantization, PyTorch's fbgemm/x86 kernels). The output head gets an int8 copy of the token
@@ -26,6 +31,7 @@ import warnings
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from gpt2.errors import UserError
 from gpt2.model import GPT
@@ -33,19 +39,92 @@ from gpt2.model import GPT
 QUANTIZE_MODES = ("none", "int8")
 
 
-def decode_layout(model: GPT) -> GPT:
-    """Store each linear weight so that memory runs along its longer side, in place.
+class SplitKLinear(nn.Module):
+    """``y = x W^T + b`` for a few rows of input, the weight read by every thread at once.
 
-    Values, shapes and names are unchanged; only the strides differ. Measured here for one row
-    of input (bench/NOTES.md), MKL streams a weight fastest when its contiguous rows are long:
-    (in, out) storage for the wide layers (c_attn, c_fc, and the 50257-wide output head, which
-    is tied to the embedding and so changes with it), the usual (out, in) for mlp.c_proj.
+    The same ``weight`` and ``bias`` parameters as the ``nn.Linear`` it replaces (so the output
+    head stays tied to the embedding, and names are unchanged). For more than ``max_rows`` rows,
+    or one thread, it is plain ``F.linear``: a wide product already keeps every core busy.
     """
+
+    max_rows = 16
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight = linear.weight  # (out, in), stored either way round
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._key: tuple | None = None  # what `_slices` last made its views for
+
+    def parts(self) -> int:
+        """Slices of the input side: the most that torch's threads allow and that divide it."""
+        p = min(torch.get_num_threads(), 16)
+        while self.in_features % p:
+            p -= 1
+        return p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.parts()
+        rows = x.numel() // self.in_features
+        if p == 1 or rows > self.max_rows:
+            return F.linear(x, self.weight, self.bias)
+        ws, bias = self._slices(p)
+        # Slice s multiplies x[:, s*k:(s+1)*k] by W^T[s*k:(s+1)*k, :], k = in / p; the bias
+        # rides in slice 0's accumulator (baddbmm), so the partial rows only need adding.
+        xs = x.reshape(rows, p, self.in_features // p).transpose(0, 1)  # (p, rows, k)
+        partial = torch.bmm(xs, ws) if bias is None else torch.baddbmm(bias, xs, ws)
+        y = partial[0]  # (rows, out)
+        for s in range(1, p):  # p - 1 adds of a row: cheaper than a threaded reduction (sum)
+            y += partial[s]
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _slices(self, p: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight as p views (p, in/p, out), whatever its storage ((out, in) or (in, out)
+        memory, see `decode_layout`), and the bias as (p, 1, out) with zeros after slice 0;
+        made again only when the thread count or the parameters change."""
+        b = self.bias
+        key = (p, self.weight.data_ptr(), self.weight._version, None if b is None else b._version)
+        if key != self._key:
+            n_in, n_out = self.in_features, self.out_features
+            self._ws = self.weight.detach().view(n_out, p, n_in // p).permute(1, 2, 0)
+            self._bias = None
+            if self.bias is not None:
+                self._bias = torch.zeros(
+                    p, 1, n_out, dtype=self.bias.dtype, device=self.bias.device
+                )
+                self._bias[0, 0] = self.bias.detach()
+            self._key = key
+        return self._ws, self._bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, split-K"
+
+
+def split_k(model: GPT) -> GPT:
+    """Replace every ``nn.Linear`` by `SplitKLinear` over the same parameters, in place."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, SplitKLinear(child))
+    return model
+
+
+def decode_layout(model: GPT, threads: int | None = None) -> GPT:
+    """Store each linear weight in the layout read fastest for one row of input, in place.
+
+    Values, shapes and names are unchanged; only the strides differ. Measured here
+    (bench/NOTES.md): with one thread (plain ``F.linear``), MKL streams a weight fastest when
+    its contiguous rows are long: (in, out) storage for the wide layers (c_attn, c_fc, and the
+    50257-wide output head, which is tied to the embedding and so changes with it), the usual
+    (out, in) for the tall mlp.c_proj. With two or more threads (`SplitKLinear`), every weight
+    is stored (in, out), so that each thread's slice of the input side is one contiguous block.
+    """
+    threads = torch.get_num_threads() if threads is None else threads
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.Linear):
                 w = module.weight  # (out, in)
-                want_transposed = w.size(0) > w.size(1)
+                want_transposed = threads > 1 or w.size(0) > w.size(1)
                 is_transposed = w.stride() == (1, w.size(0))
                 if want_transposed and not is_transposed:
                     w.data = w.data.t().contiguous().t()  # (out, in) view of (in, out) memory
@@ -102,4 +181,5 @@ def prepare_for_decoding(model: GPT, quantize: str = "none") -> GPT:
         return quantize_int8(model)
     if next(model.parameters()).device.type == "cpu":
         decode_layout(model)
+        split_k(model)
     return model
