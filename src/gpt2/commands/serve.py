@@ -95,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(
             f"gpt2 serve needs the serve extra ({e.name} is missing): pip install -e '.[serve]'"
         ) from None
+    from gpt2.quantize import prepare_for_decoding
     from gpt2.train import resolve_device
 
     if not 0 <= args.port <= 65535:
@@ -124,10 +125,9 @@ def run(args: argparse.Namespace) -> int:
     with sock:
         device = resolve_device(args.device)
         model, tokenizer = load_model(args.checkpoint, device)
+        model = prepare_for_decoding(model)  # fp32, each weight in its fastest layout
         name = args.model_name or _default_name(args.checkpoint)
-        app = create_app(
-            model.eval(), tokenizer, model_name=name, limits=limits, api_key=args.api_key
-        )
+        app = create_app(model, tokenizer, model_name=name, limits=limits, api_key=args.api_key)
         c = model.config
         slot_mib = 2 * c.n_layer * c.block_size * c.n_embd * 4 / 2**20  # fp32 keys and values
         log.info("KV cache: %d slots x %.0f MiB (--max-batch)", limits.max_batch, slot_mib)
