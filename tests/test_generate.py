@@ -419,6 +419,16 @@ def test_split_k_linear_equals_linear(
         torch.testing.assert_close(split(x), linear(x), rtol=1e-5, atol=1e-6)
 
 
+def test_split_k_linear_passes_gradients(threads) -> None:
+    threads(2)
+    linear = torch.nn.Linear(48, 40)
+    x = torch.randn(1, 48)
+    SplitKLinear(linear)(x).sum().backward()
+    expected = x.expand(40, 48)  # d(sum of x W^T + b) / dW: x in every row
+    torch.testing.assert_close(linear.weight.grad, expected)
+    torch.testing.assert_close(linear.bias.grad, torch.ones(40))
+
+
 def test_split_k_falls_back_when_threads_do_not_divide(threads) -> None:
     threads(2)
     assert SplitKLinear(torch.nn.Linear(33, 8)).parts() == 1  # 33 is odd: one slice, F.linear

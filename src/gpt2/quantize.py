@@ -44,7 +44,8 @@ class SplitKLinear(nn.Module):
 
     The same ``weight`` and ``bias`` parameters as the ``nn.Linear`` it replaces (so the output
     head stays tied to the embedding, and names are unchanged). For more than ``max_rows`` rows,
-    or one thread, it is plain ``F.linear``: a wide product already keeps every core busy.
+    or one thread, it is plain ``F.linear``: a wide product already keeps every core busy; so is
+    a pass that records gradients.
     """
 
     max_rows = 16
@@ -66,7 +67,9 @@ class SplitKLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.parts()
         rows = x.numel() // self.in_features
-        if p == 1 or rows > self.max_rows:
+        # The slices are detached views: a pass that needs gradients takes the plain path.
+        needs_grad = torch.is_grad_enabled() and self.weight.requires_grad
+        if p == 1 or rows > self.max_rows or needs_grad:
             return F.linear(x, self.weight, self.bias)
         ws, bias = self._slices(p)
         # Slice s multiplies x[:, s*k:(s+1)*k] by W^T[s*k:(s+1)*k, :], k = in / p; the bias
