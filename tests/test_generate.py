@@ -511,3 +511,38 @@ def test_generate_keeps_its_nanogpt_signature() -> None:
     assert a.shape == (2, 13) and torch.equal(a, b) and torch.equal(a[:, :3], idx)
     beams = generate(model, idx, 6, temperature=0.0, num_beams=3)
     assert beams.shape == (2, 9)
+
+
+# A vocabulary padded past the tokenizer's (--pad-vocab) ----------------------------------------
+
+
+def padded_vocab_model() -> tuple[GPT, CharTokenizer]:
+    """64 embeddings for a 40-character tokenizer, the dead ids made the likeliest by far."""
+    model = tiny_model(21)
+    with torch.no_grad():
+        model.transformer.wte.weight[40:] *= 50.0  # tied head: huge logits for ids 40..63
+    chars = [chr(ord("0") + i) for i in range(40)]
+    return model, CharTokenizer(chars)
+
+
+def test_ids_past_the_tokenizer_are_never_sampled() -> None:
+    model, tok = padded_vocab_model()
+    with torch.no_grad():
+        assert model(torch.tensor([[1, 2]]))[0][0, -1].argmax() >= 40  # without the mask
+    for params in [
+        SamplingParams(temperature=0.0, max_new_tokens=30),
+        SamplingParams(temperature=1.5, top_k=0, max_new_tokens=30, seed=3),
+        SamplingParams(temperature=0.0, num_beams=3, max_new_tokens=8),
+    ]:
+        for c in complete(model, ["12"], params, tok):
+            assert c.tokens and max(c.tokens) < 40 and len(c.text) == len(c.tokens)
+
+
+def test_serve_engines_mask_ids_past_the_tokenizer() -> None:
+    from gpt2.serve.engine import RecomputeEngine, make_engine
+
+    model, tok = padded_vocab_model()
+    for engine in [make_engine(model, 2, tok.vocab_size), RecomputeEngine(model, 2, 40)]:
+        logits = engine.prefill(0, [1, 2, 3], all_positions=True)  # (3, 64)
+        assert torch.isinf(logits[:, 40:]).all() and torch.isfinite(logits[:, :40]).all()
+        assert engine.decode([0], [5])[0].argmax() < 40

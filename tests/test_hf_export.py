@@ -113,6 +113,20 @@ def test_model_without_biases_exports_zero_biases(tmp_path: Path) -> None:
     assert back.config.bias and torch.count_nonzero(back.transformer.h[0].attn.c_attn.bias) == 0
 
 
+def test_padded_vocabulary_is_cut_to_the_tokenizer_on_export(tmp_path: Path) -> None:
+    chars = CharTokenizer([chr(ord("a") + i) for i in range(26)])  # 26 ids, padded to 64
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=64)
+    model = randomize_(GPT(config), seed=5)
+    save_pretrained(model, tmp_path, chars)
+    assert json.loads((tmp_path / "config.json").read_text())["vocab_size"] == 26
+    idx = torch.randint(0, 26, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = hf_model(tmp_path)(idx).logits  # (2, 16, 26)
+        ours, _ = model(idx)
+    assert theirs.shape[-1] == 26
+    assert (ours[..., :26] - theirs).abs().max().item() <= 1e-4
+
+
 # --- tokenizers -----------------------------------------------------------------------------
 
 

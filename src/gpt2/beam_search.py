@@ -45,8 +45,10 @@ def beam_search(
     length_penalty: float = 1.0,
     early_stopping: bool = False,
     eot_token: int | None = None,
+    vocab_limit: int | None = None,
 ) -> list[Beam]:
-    """The finished beams for ``prompt``, best first (at most ``num_beams``)."""
+    """The finished beams for ``prompt``, best first (at most ``num_beams``); ids from
+    ``vocab_limit`` on (a padded vocabulary's, which have no text) are never chosen."""
     block_size = model.config.block_size
     if not prompt:
         raise UserError("beam search needs a prompt of at least one token")
@@ -67,7 +69,10 @@ def beam_search(
     can_improve = True
     n_candidates = 2 * num_beams
     for step in range(1, max_new_tokens + 1):
-        logprobs = F.log_softmax(logits[:, -1, :].float(), dim=-1)  # (n, V)
+        last = logits[:, -1, :].float()  # (n, V)
+        if vocab_limit is not None:
+            last[:, vocab_limit:] = float("-inf")
+        logprobs = F.log_softmax(last, dim=-1)  # (n, V)
         V = logprobs.size(-1)
         total = (scores[:, None] + logprobs).view(-1)  # (n * V,)
         top_scores, top_index = torch.topk(total, min(n_candidates, total.numel()))

@@ -83,9 +83,13 @@ class KVCacheEngine:
         slots: int = 1,
         max_len: int | None = None,
         window_keep: int | None = None,
+        vocab_limit: int | None = None,
     ) -> None:
         block_size = model.config.block_size
         self.model = model
+        # Ids from vocab_limit on have no text (a vocabulary padded for speed, `--pad-vocab`):
+        # their logits are -inf in everything this engine returns, so they are never chosen.
+        self.vocab_limit = vocab_limit
         self.slots = slots
         self.context = block_size  # the most tokens a sequence's model input holds
         self.window_keep = window_keep if window_keep is not None else max(1, block_size // 2)
@@ -104,7 +108,7 @@ class KVCacheEngine:
         self.tokens[slot] = list(ids)
         idx = torch.tensor([list(ids)], dtype=torch.long, device=self.device)  # (1, T)
         logits, _ = self.model(idx, cache=self.cache.select([slot]), last_only=not all_positions)
-        return logits[0]
+        return self._mask(logits[0])
 
     @torch.no_grad()
     def prefill_batch(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -127,7 +131,7 @@ class KVCacheEngine:
         logits, _ = self.model(
             idx.to(self.device), cache=self.cache.select(list(slots)), last_only=True
         )
-        return logits[:, -1, :]
+        return self._mask(logits[:, -1, :])
 
     @torch.no_grad()
     def decode(self, slots: Sequence[int], ids: Sequence[int]) -> torch.Tensor:
@@ -156,13 +160,19 @@ class KVCacheEngine:
             idx = torch.tensor([[ids[i]] for i in batch], dtype=torch.long, device=self.device)
             logits, _ = self.model(idx, cache=cache.select(rows), last_only=True)  # (B, 1, V)
             if len(batch) == len(slots):
-                return logits[:, -1, :]
-            out[batch] = logits[:, -1, :].to(out.dtype)
+                return self._mask(logits[:, -1, :])
+            out[batch] = self._mask(logits[:, -1, :]).to(out.dtype)
         for i in slide:
             slot = slots[i]
             keep = self.tokens[slot][-self.window_keep :]
             out[i] = self.prefill(slot, keep)[-1].to(out.dtype)
         return out
+
+    def _mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` (..., V) with the ids past ``vocab_limit`` set to -inf, in place."""
+        if self.vocab_limit is not None and self.vocab_limit < logits.size(-1):
+            logits[..., self.vocab_limit :] = float("-inf")
+        return logits
 
     def release(self, slot: int) -> None:
         """Forget the slot's sequence; it may be prefilled again."""
@@ -269,7 +279,8 @@ def _start_runs(
     T = max(len(p) for p in prompts)
     # Room for each row's left padding plus the most it will hold before the window slides.
     max_len = max(T - len(p) + min(block_size, len(p) + params.max_new_tokens) for p in prompts)
-    engine = KVCacheEngine(model, len(prompts) * n, max_len, window_keep)
+    limit = tokenizer.vocab_size if tokenizer is not None else None
+    engine = KVCacheEngine(model, len(prompts) * n, max_len, window_keep, limit)
     first = [i * n for i in range(len(prompts))]
     logits = engine.prefill_batch(first, prompts)  # (P, V)
     base_seed = params.seed if params.seed is not None else default_seed()
@@ -371,6 +382,7 @@ def _complete_beams(
             params.length_penalty,
             params.early_stopping,
             None if params.ignore_eot else eot,
+            tokenizer.vocab_size if tokenizer is not None else None,
         )
         for beam in beams[: params.num_return_sequences]:
             ended = bool(beam.tokens) and beam.tokens[-1] == eot and not params.ignore_eot

@@ -174,12 +174,31 @@ def save_pretrained(model: GPT, folder: str | Path, tokenizer: Tokenizer | None 
     eot = tokenizer.eot_token if tokenizer is not None else None
     if eot is not None and eot >= model.config.vocab_size:
         eot = None
-    _save_safetensors(hf_state_dict(model), folder / SAFETENSORS_FILE)
-    _write_json(folder / CONFIG_FILE, hf_config(model.config, eot))
+    state, config = hf_state_dict(model), model.config
+    if tokenizer is not None and _padded_for(tokenizer.vocab_size) == config.vocab_size:
+        # `gpt2 train --pad-vocab` rounded the embedding up to a multiple of 64 for speed; the
+        # rows past the tokenizer's ids were never used, and Hugging Face's files leave them out.
+        n = tokenizer.vocab_size
+        state[PREFIX + "wte.weight"] = state[PREFIX + "wte.weight"][:n].contiguous()
+        log.info(
+            "%s: the padded vocabulary (%d) cut to the tokenizer's %d ids",
+            folder,
+            config.vocab_size,
+            n,
+        )
+        config = GPTConfig(**{**config.to_dict(), "vocab_size": n})
+    _save_safetensors(state, folder / SAFETENSORS_FILE)
+    _write_json(folder / CONFIG_FILE, hf_config(config, eot))
     _write_json(folder / GENERATION_CONFIG_FILE, {"bos_token_id": eot, "eos_token_id": eot})
     if tokenizer is not None:
         save_hf_tokenizer(tokenizer, folder, model.config.block_size)
     return folder
+
+
+def _padded_for(vocab_size: int, multiple: int = 64) -> int | None:
+    """The size `gpt2 train --pad-vocab` gives a vocabulary of ``vocab_size`` ids, if larger."""
+    padded = -(-vocab_size // multiple) * multiple
+    return padded if padded > vocab_size else None
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, force: bool = False) -> Path:

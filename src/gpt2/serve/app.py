@@ -56,10 +56,13 @@ def create_app(
 ) -> FastAPI:
     """An app serving ``model``; its scheduler starts with the app and stops with it."""
     limits = limits or Limits()
-    engine = engine or make_engine(model.eval(), limits.max_batch)
+    # A vocabulary padded for speed (--pad-vocab) has ids past the tokenizer's: they are never
+    # sampled, and a prompt may not hold them.
+    vocab_size = min(model.config.vocab_size, tokenizer.vocab_size)
+    limit = vocab_size if vocab_size < model.config.vocab_size else None
+    engine = engine or make_engine(model.eval(), limits.max_batch, limit)
     scheduler = Scheduler(engine, limits.max_queue)
     context = engine.context
-    vocab_size = model.config.vocab_size
     created = int(time.time())
 
     @asynccontextmanager

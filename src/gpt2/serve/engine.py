@@ -39,20 +39,22 @@ class DecodeEngine(Protocol):
         ...
 
 
-def make_engine(model: GPT, slots: int) -> DecodeEngine:
-    """The fastest engine available for ``model`` with ``slots`` slots."""
+def make_engine(model: GPT, slots: int, vocab_limit: int | None = None) -> DecodeEngine:
+    """The fastest engine available for ``model`` with ``slots`` slots; ids from
+    ``vocab_limit`` on (a padded vocabulary's) get -inf logits."""
     try:
         from gpt2.generate import KVCacheEngine
     except ImportError:
-        return RecomputeEngine(model, slots)
-    return KVCacheEngine(model, slots)
+        return RecomputeEngine(model, slots, vocab_limit)
+    return KVCacheEngine(model, slots, vocab_limit=vocab_limit)
 
 
 class RecomputeEngine:
     """An exact, cache-free `DecodeEngine`: every step reruns the model over each slot's tokens."""
 
-    def __init__(self, model: GPT, slots: int) -> None:
+    def __init__(self, model: GPT, slots: int, vocab_limit: int | None = None) -> None:
         self.model = model.eval()
+        self.vocab_limit = vocab_limit
         self.slots = slots
         self.context = model.config.block_size
         self.device = next(model.parameters()).device
@@ -64,7 +66,7 @@ class RecomputeEngine:
             raise ValueError(f"a prompt must have 1..{self.context} tokens, got {len(ids)}")
         self._tokens[slot] = list(ids)
         hidden = self._hidden([ids])[0]  # (T, C)
-        return self.model.lm_head(hidden if all_positions else hidden[-1:])  # (T or 1, V)
+        return self._mask(self.model.lm_head(hidden if all_positions else hidden[-1:]))
 
     @torch.no_grad()
     def decode(self, slots: list[int], ids: list[int]) -> torch.Tensor:
@@ -77,7 +79,14 @@ class RecomputeEngine:
             rows.append(tokens)
         hidden = self._hidden(rows)  # (B, T, C)
         last = torch.tensor([len(r) - 1 for r in rows], device=self.device)  # (B,)
-        return self.model.lm_head(hidden[torch.arange(len(rows), device=self.device), last])
+        return self._mask(
+            self.model.lm_head(hidden[torch.arange(len(rows), device=self.device), last])
+        )
+
+    def _mask(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.vocab_limit is not None:
+            logits[..., self.vocab_limit :] = float("-inf")
+        return logits
 
     def release(self, slot: int) -> None:
         self._tokens.pop(slot, None)
