@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from gpt2.errors import UserError
 from gpt2.kv_cache import KVCache
 from gpt2.model import GPT
+from gpt2.sampling import mask_ids_from
 
 
 @dataclass(frozen=True)
@@ -69,9 +70,7 @@ def beam_search(
     can_improve = True
     n_candidates = 2 * num_beams
     for step in range(1, max_new_tokens + 1):
-        last = logits[:, -1, :].float()  # (n, V)
-        if vocab_limit is not None:
-            last[:, vocab_limit:] = float("-inf")
+        last = mask_ids_from(logits[:, -1, :].float(), vocab_limit)  # (n, V)
         logprobs = F.log_softmax(last, dim=-1)  # (n, V)
         V = logprobs.size(-1)
         total = (scores[:, None] + logprobs).view(-1)  # (n * V,)

@@ -24,6 +24,15 @@ else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
 
 
+VOCAB_MULTIPLE = 64  # --pad-vocab rounds up to this: tensor cores like multiples of 64
+
+
+def padded_vocab_size(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    """The embedding size `gpt2 train --pad-vocab` gives ``vocab_size`` ids (GPT-2's 50257:
+    50304); the ids past ``vocab_size`` have no text."""
+    return -(-vocab_size // multiple) * multiple
+
+
 def _help(text: str, **kw: Any) -> Any:
     """A dataclass field whose help text is shown by the command line."""
     return field(metadata={"help": text}, **kw)

@@ -61,6 +61,7 @@ from gpt2.sampling import (
     choose_token,
     default_seed,
     make_generator,
+    mask_ids_from,
 )
 from gpt2.tokenizer import Tokenizer
 
@@ -108,7 +109,7 @@ class KVCacheEngine:
         self.tokens[slot] = list(ids)
         idx = torch.tensor([list(ids)], dtype=torch.long, device=self.device)  # (1, T)
         logits, _ = self.model(idx, cache=self.cache.select([slot]), last_only=not all_positions)
-        return self._mask(logits[0])
+        return mask_ids_from(logits[0], self.vocab_limit)
 
     @torch.no_grad()
     def prefill_batch(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -131,7 +132,7 @@ class KVCacheEngine:
         logits, _ = self.model(
             idx.to(self.device), cache=self.cache.select(list(slots)), last_only=True
         )
-        return self._mask(logits[:, -1, :])
+        return mask_ids_from(logits[:, -1, :], self.vocab_limit)
 
     @torch.no_grad()
     def decode(self, slots: Sequence[int], ids: Sequence[int]) -> torch.Tensor:
@@ -160,19 +161,13 @@ class KVCacheEngine:
             idx = torch.tensor([[ids[i]] for i in batch], dtype=torch.long, device=self.device)
             logits, _ = self.model(idx, cache=cache.select(rows), last_only=True)  # (B, 1, V)
             if len(batch) == len(slots):
-                return self._mask(logits[:, -1, :])
-            out[batch] = self._mask(logits[:, -1, :]).to(out.dtype)
+                return mask_ids_from(logits[:, -1, :], self.vocab_limit)
+            out[batch] = mask_ids_from(logits[:, -1, :], self.vocab_limit).to(out.dtype)
         for i in slide:
             slot = slots[i]
             keep = self.tokens[slot][-self.window_keep :]
             out[i] = self.prefill(slot, keep)[-1].to(out.dtype)
         return out
-
-    def _mask(self, logits: torch.Tensor) -> torch.Tensor:
-        """``logits`` (..., V) with the ids past ``vocab_limit`` set to -inf, in place."""
-        if self.vocab_limit is not None and self.vocab_limit < logits.size(-1):
-            logits[..., self.vocab_limit :] = float("-inf")
-        return logits
 
     def release(self, slot: int) -> None:
         """Forget the slot's sequence; it may be prefilled again."""

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from gpt2.config import GPTConfig
+from gpt2.config import GPTConfig, padded_vocab_size
 from gpt2.errors import UserError
 from gpt2.model import GPT
 from gpt2.tokenizer import (
@@ -175,10 +175,10 @@ def save_pretrained(model: GPT, folder: str | Path, tokenizer: Tokenizer | None 
     if eot is not None and eot >= model.config.vocab_size:
         eot = None
     state, config = hf_state_dict(model), model.config
-    if tokenizer is not None and _padded_for(tokenizer.vocab_size) == config.vocab_size:
+    n = tokenizer.vocab_size if tokenizer is not None else config.vocab_size
+    if n < config.vocab_size == padded_vocab_size(n):
         # `gpt2 train --pad-vocab` rounded the embedding up to a multiple of 64 for speed; the
         # rows past the tokenizer's ids were never used, and Hugging Face's files leave them out.
-        n = tokenizer.vocab_size
         state[PREFIX + "wte.weight"] = state[PREFIX + "wte.weight"][:n].contiguous()
         log.info(
             "%s: the padded vocabulary (%d) cut to the tokenizer's %d ids",
@@ -193,12 +193,6 @@ def save_pretrained(model: GPT, folder: str | Path, tokenizer: Tokenizer | None 
     if tokenizer is not None:
         save_hf_tokenizer(tokenizer, folder, model.config.block_size)
     return folder
-
-
-def _padded_for(vocab_size: int, multiple: int = 64) -> int | None:
-    """The size `gpt2 train --pad-vocab` gives a vocabulary of ``vocab_size`` ids, if larger."""
-    padded = -(-vocab_size // multiple) * multiple
-    return padded if padded > vocab_size else None
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, force: bool = False) -> Path:

@@ -112,7 +112,7 @@ def split_k(model: GPT) -> GPT:
     return model
 
 
-def decode_layout(model: GPT, threads: int | None = None) -> GPT:
+def decode_layout(model: GPT) -> GPT:
     """Store each linear weight in the layout read fastest for one row of input, in place.
 
     Values, shapes and names are unchanged; only the strides differ. Measured here
@@ -122,7 +122,7 @@ def decode_layout(model: GPT, threads: int | None = None) -> GPT:
     (out, in) for the tall mlp.c_proj. With two or more threads (`SplitKLinear`), every weight
     is stored (in, out), so that each thread's slice of the input side is one contiguous block.
     """
-    threads = torch.get_num_threads() if threads is None else threads
+    threads = torch.get_num_threads()
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.Linear):

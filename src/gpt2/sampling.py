@@ -172,6 +172,15 @@ def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def mask_ids_from(logits: torch.Tensor, limit: int | None) -> torch.Tensor:
+    """``logits`` (..., V) with every id from ``limit`` on set to -inf, in place, so that it is
+    never chosen: the ids a vocabulary padded for speed (`--pad-vocab`) has past its tokenizer's,
+    which have no text. ``limit`` None or >= V changes nothing."""
+    if limit is not None and limit < logits.size(-1):
+        logits[..., limit:] = float("-inf")
+    return logits
+
+
 def choose_token(
     logits: torch.Tensor,
     params: SamplingParams,

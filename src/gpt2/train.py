@@ -44,7 +44,7 @@ from gpt2.checkpoint import (
     resolve_checkpoint_dir,
     save_checkpoint,
 )
-from gpt2.config import GPTConfig, TrainConfig
+from gpt2.config import GPTConfig, TrainConfig, padded_vocab_size
 from gpt2.data import load_split_shards, prepare, read_meta
 from gpt2.errors import UserError
 from gpt2.evaluate import Task, load_task
@@ -65,7 +65,6 @@ log = logging.getLogger(__name__)
 DEFAULT_DATA_DIR = Path("data/shakespeare-char")
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"
-VOCAB_MULTIPLE = 64  # --pad-vocab rounds up to this: tensor cores like multiples of 64
 MAX_SKIPS_IN_A_ROW = 10  # --on-nan skip gives up after this many bad steps in a row
 
 
@@ -127,10 +126,6 @@ def accumulation_steps(total_batch_tokens: int, micro_tokens: int, world_size: i
             f"batch_size"
         )
     return total_batch_tokens // per_pass
-
-
-def padded_vocab_size(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
-    return -(-vocab_size // multiple) * multiple
 
 
 def default_data_dir() -> Path:

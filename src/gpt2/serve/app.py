@@ -59,8 +59,7 @@ def create_app(
     # A vocabulary padded for speed (--pad-vocab) has ids past the tokenizer's: they are never
     # sampled, and a prompt may not hold them.
     vocab_size = min(model.config.vocab_size, tokenizer.vocab_size)
-    limit = vocab_size if vocab_size < model.config.vocab_size else None
-    engine = engine or make_engine(model.eval(), limits.max_batch, limit)
+    engine = engine or make_engine(model.eval(), limits.max_batch, vocab_size)
     scheduler = Scheduler(engine, limits.max_queue)
     context = engine.context
     created = int(time.time())

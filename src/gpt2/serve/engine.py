@@ -20,6 +20,7 @@ from typing import Protocol
 import torch
 
 from gpt2.model import GPT
+from gpt2.sampling import mask_ids_from
 
 
 class DecodeEngine(Protocol):
@@ -66,7 +67,8 @@ class RecomputeEngine:
             raise ValueError(f"a prompt must have 1..{self.context} tokens, got {len(ids)}")
         self._tokens[slot] = list(ids)
         hidden = self._hidden([ids])[0]  # (T, C)
-        return self._mask(self.model.lm_head(hidden if all_positions else hidden[-1:]))
+        logits = self.model.lm_head(hidden if all_positions else hidden[-1:])  # (T or 1, V)
+        return mask_ids_from(logits, self.vocab_limit)
 
     @torch.no_grad()
     def decode(self, slots: list[int], ids: list[int]) -> torch.Tensor:
@@ -79,14 +81,8 @@ class RecomputeEngine:
             rows.append(tokens)
         hidden = self._hidden(rows)  # (B, T, C)
         last = torch.tensor([len(r) - 1 for r in rows], device=self.device)  # (B,)
-        return self._mask(
-            self.model.lm_head(hidden[torch.arange(len(rows), device=self.device), last])
-        )
-
-    def _mask(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.vocab_limit is not None:
-            logits[..., self.vocab_limit :] = float("-inf")
-        return logits
+        logits = self.model.lm_head(hidden[torch.arange(len(rows), device=self.device), last])
+        return mask_ids_from(logits, self.vocab_limit)
 
     def release(self, slot: int) -> None:
         self._tokens.pop(slot, None)
