@@ -134,6 +134,22 @@ def test_slots_started_at_different_times_decode_together_exactly() -> None:
     assert seq_b == cache_free_greedy(model, b, len(seq_b))
 
 
+def test_engine_logits_are_ordinary_tensors_a_caller_may_change() -> None:
+    """The engine runs the model in inference mode; what it returns must still take in-place
+    changes outside it (the server's logit bias and penalties do that)."""
+    model = tiny_model(3)
+    engine = KVCacheEngine(model, slots=2)
+    first = engine.prefill(0, [1, 2, 3])
+    engine.copy_slot(0, 1)
+    step = engine.decode([0, 1], [4, 4])
+    for logits in (first, step):
+        assert not logits.is_inference()
+        logits[..., 0] -= 1.0  # raises for an inference tensor
+    assert torch.equal(step[0], step[1])  # the copied slot continues exactly as its source
+    engine.release(1)
+    assert not any(p.is_inference() for p in model.parameters())
+
+
 def test_num_return_sequences_are_the_seeds_in_turn() -> None:
     model = tiny_model(8)
     params = SamplingParams(max_new_tokens=25, seed=100, num_return_sequences=3)

@@ -96,22 +96,35 @@ class KVCacheEngine:
         self.window_keep = window_keep if window_keep is not None else max(1, block_size // 2)
         if not 0 < self.window_keep < block_size:
             raise UserError(f"window_keep must be in 1..{block_size - 1}, got {self.window_keep}")
-        self.cache = KVCache.for_model(model, slots, max_len or block_size)
+        with torch.inference_mode():  # the cache is only ever touched in inference mode
+            self.cache = KVCache.for_model(model, slots, max_len or block_size)
         self.device = self.cache.device
         # The tokens in each slot's cache, kept to rebuild it when the window slides.
         self.tokens: list[list[int]] = [[] for _ in range(slots)]
 
-    @torch.no_grad()
+    def _logits(self, idx: torch.Tensor, rows: list[int], last_only: bool = True) -> torch.Tensor:
+        """The model on ``idx`` (B, T) continuing cache ``rows``: logits (B, T or 1, V).
+
+        The pass, like every use of the cache, runs in inference mode: no autograd bookkeeping
+        (version counters, view records) on the dozens of small views and in-place cache writes
+        of a step, a few percent of a GPT-2 124M decode step on the CPU (bench/NOTES.md). A
+        tensor made in inference mode cannot be changed outside it, so the logits come back as
+        an ordinary copy (B x V floats: little next to the step).
+        """
+        with torch.inference_mode():
+            logits, _ = self.model(idx, cache=self.cache.select(rows), last_only=last_only)
+        return logits.clone()
+
     def prefill(self, slot: int, ids: Sequence[int], all_positions: bool = False) -> torch.Tensor:
         """Put ``ids`` in the (free) ``slot``; logits (T, V) for every position, or (1, V)."""
         self._check_prompt(ids)
-        self.cache.reset(slot)
+        with torch.inference_mode():
+            self.cache.reset(slot)
         self.tokens[slot] = list(ids)
         idx = torch.tensor([list(ids)], dtype=torch.long, device=self.device)  # (1, T)
-        logits, _ = self.model(idx, cache=self.cache.select([slot]), last_only=not all_positions)
+        logits = self._logits(idx, [slot], last_only=not all_positions)
         return mask_ids_from(logits[0], self.vocab_limit)
 
-    @torch.no_grad()
     def prefill_batch(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Prompts of any lengths into ``slots`` in one forward pass; last logits (B, V).
 
@@ -129,12 +142,9 @@ class KVCacheEngine:
             self.cache.start[slot] = T - len(ids)
             self.cache.end[slot] = 0
             self.tokens[slot] = list(ids)
-        logits, _ = self.model(
-            idx.to(self.device), cache=self.cache.select(list(slots)), last_only=True
-        )
+        logits = self._logits(idx.to(self.device), list(slots))
         return mask_ids_from(logits[:, -1, :], self.vocab_limit)
 
-    @torch.no_grad()
     def decode(self, slots: Sequence[int], ids: Sequence[int]) -> torch.Tensor:
         """Append ``ids[i]`` to ``slots[i]``; next-token logits (B, V), one row per slot.
 
@@ -150,7 +160,8 @@ class KVCacheEngine:
                 slide.append(i)
                 continue
             if cache.end[slot] >= cache.max_len:
-                cache.compact(slot)  # drop its left padding to make room
+                with torch.inference_mode():
+                    cache.compact(slot)  # drop its left padding to make room
                 if cache.end[slot] >= cache.max_len:
                     raise ValueError(f"slot {slot} is full ({cache.max_len} positions)")
             batch.append(i)
@@ -159,7 +170,7 @@ class KVCacheEngine:
         if batch:
             rows = [slots[i] for i in batch]
             idx = torch.tensor([[ids[i]] for i in batch], dtype=torch.long, device=self.device)
-            logits, _ = self.model(idx, cache=cache.select(rows), last_only=True)  # (B, 1, V)
+            logits = self._logits(idx, rows)  # (B, 1, V)
             if len(batch) == len(slots):
                 return mask_ids_from(logits[:, -1, :], self.vocab_limit)
             out[batch] = mask_ids_from(logits[:, -1, :], self.vocab_limit).to(out.dtype)
@@ -171,12 +182,14 @@ class KVCacheEngine:
 
     def release(self, slot: int) -> None:
         """Forget the slot's sequence; it may be prefilled again."""
-        self.cache.reset(slot)
+        with torch.inference_mode():
+            self.cache.reset(slot)
         self.tokens[slot] = []
 
     def copy_slot(self, src: int, dst: int) -> None:
         """Make ``dst`` continue exactly as ``src`` would (several samples of one prompt)."""
-        self.cache.copy_row(src, dst)
+        with torch.inference_mode():
+            self.cache.copy_row(src, dst)
         self.tokens[dst] = list(self.tokens[src])
 
     def _check_prompt(self, ids: Sequence[int]) -> None:
