@@ -425,7 +425,7 @@ def test_split_k_linear_equals_linear(
     if transposed:  # the (in, out) memory `decode_layout` makes
         linear.weight.data = linear.weight.data.t().contiguous().t()
     split = SplitKLinear(linear)
-    assert split.parts() == n_threads  # 48 divides by 2 and 3
+    assert split.parts(48, n_threads) == n_threads  # 48 divides by 2 and 3
     with torch.no_grad():
         for shape in [(1, 48), (1, 1, 48), (3, 2, 48), (20, 48)]:  # 20 rows: plain F.linear
             x = torch.randn(shape)
@@ -447,7 +447,11 @@ def test_split_k_linear_passes_gradients(threads) -> None:
 
 def test_split_k_falls_back_when_threads_do_not_divide(threads) -> None:
     threads(2)
-    assert SplitKLinear(torch.nn.Linear(33, 8)).parts() == 1  # 33 is odd: one slice, F.linear
+    assert SplitKLinear.parts(33, 2) == 1  # 33 is odd: one slice, F.linear
+    linear = torch.nn.Linear(33, 8)
+    x = torch.randn(1, 33)
+    with torch.no_grad():
+        torch.testing.assert_close(SplitKLinear(linear)(x), linear(x))
 
 
 def test_prepare_for_decoding_with_two_threads_keeps_tokens_names_and_tying(threads) -> None:

@@ -55,49 +55,57 @@ class SplitKLinear(nn.Module):
         self.weight = linear.weight  # (out, in), stored either way round
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self._key: tuple | None = None  # what `_slices` last made its views for
+        self._key: tuple | None = None  # what `_slice` last sliced for
 
-    def parts(self) -> int:
+    @staticmethod
+    def parts(in_features: int, threads: int) -> int:
         """Slices of the input side: the most that torch's threads allow and that divide it."""
-        p = min(torch.get_num_threads(), 16)
-        while self.in_features % p:
+        p = min(threads, 16)
+        while in_features % p:
             p -= 1
         return p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.parts()
+        # Called ~50 times a token: the checks stay few and cheap (bench/NOTES.md).
+        weight, bias = self.weight, self.bias
         rows = x.numel() // self.in_features
+        threads = torch.get_num_threads()
         # The slices are detached views: a pass that needs gradients takes the plain path.
-        needs_grad = torch.is_grad_enabled() and self.weight.requires_grad
-        if p == 1 or rows > self.max_rows or needs_grad:
-            return F.linear(x, self.weight, self.bias)
-        ws, bias = self._slices(p)
+        needs_grad = torch.is_grad_enabled() and weight.requires_grad
+        if threads == 1 or rows > self.max_rows or needs_grad:
+            return F.linear(x, weight, bias)
+        key = (threads, weight.data_ptr(), weight._version, None if bias is None else bias._version)
+        if key != self._key:
+            self._slice(threads, weight, bias, key)
+        p = self._p
+        if p == 1:
+            return F.linear(x, weight, bias)
         # Slice s multiplies x[:, s*k:(s+1)*k] by W^T[s*k:(s+1)*k, :], k = in / p; the bias
         # rides in slice 0's accumulator (baddbmm), so the partial rows only need adding.
-        xs = x.reshape(rows, p, self.in_features // p).transpose(0, 1)  # (p, rows, k)
-        partial = torch.bmm(xs, ws) if bias is None else torch.baddbmm(bias, xs, ws)
+        k = self.in_features // p
+        # (p, rows, k); one row (decoding one sequence) needs no transpose, one op fewer
+        xs = x.reshape(p, 1, k) if rows == 1 else x.reshape(rows, p, k).transpose(0, 1)
+        ws = self._ws
+        partial = torch.bmm(xs, ws) if bias is None else torch.baddbmm(self._bias, xs, ws)
         y = partial[0]  # (rows, out)
         for s in range(1, p):  # p - 1 adds of a row: cheaper than a threaded reduction (sum)
             y += partial[s]
         return y.view(*x.shape[:-1], self.out_features)
 
-    def _slices(self, p: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _slice(
+        self, threads: int, weight: torch.Tensor, bias: torch.Tensor | None, key: tuple
+    ) -> None:
         """The weight as p views (p, in/p, out), whatever its storage ((out, in) or (in, out)
         memory, see `decode_layout`), and the bias as (p, 1, out) with zeros after slice 0;
         made again only when the thread count or the parameters change."""
-        b = self.bias
-        key = (p, self.weight.data_ptr(), self.weight._version, None if b is None else b._version)
-        if key != self._key:
-            n_in, n_out = self.in_features, self.out_features
-            self._ws = self.weight.detach().view(n_out, p, n_in // p).permute(1, 2, 0)
-            self._bias = None
-            if self.bias is not None:
-                self._bias = torch.zeros(
-                    p, 1, n_out, dtype=self.bias.dtype, device=self.bias.device
-                )
-                self._bias[0, 0] = self.bias.detach()
-            self._key = key
-        return self._ws, self._bias
+        n_in, n_out = self.in_features, self.out_features
+        p = self._p = self.parts(n_in, threads)
+        self._ws = weight.detach().view(n_out, p, n_in // p).permute(1, 2, 0)
+        self._bias = None
+        if bias is not None:
+            self._bias = torch.zeros(p, 1, n_out, dtype=bias.dtype, device=bias.device)
+            self._bias[0, 0] = bias.detach()
+        self._key = key
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, split-K"
