@@ -180,16 +180,16 @@ class KVCacheEngine:
             out[i] = self.prefill(slot, keep)[-1].to(out.dtype)
         return out
 
+    @torch.inference_mode()  # the cache is an inference tensor
     def release(self, slot: int) -> None:
         """Forget the slot's sequence; it may be prefilled again."""
-        with torch.inference_mode():
-            self.cache.reset(slot)
+        self.cache.reset(slot)
         self.tokens[slot] = []
 
+    @torch.inference_mode()  # the cache is an inference tensor
     def copy_slot(self, src: int, dst: int) -> None:
         """Make ``dst`` continue exactly as ``src`` would (several samples of one prompt)."""
-        with torch.inference_mode():
-            self.cache.copy_row(src, dst)
+        self.cache.copy_row(src, dst)
         self.tokens[dst] = list(self.tokens[src])
 
     def _check_prompt(self, ids: Sequence[int]) -> None:

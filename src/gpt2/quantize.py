@@ -56,6 +56,7 @@ class SplitKLinear(nn.Module):
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self._key: tuple | None = None  # what `_slice` last sliced for
+        self._p, self._ws, self._bias = 1, None, None  # set by `_slice`
 
     @staticmethod
     def parts(in_features: int, threads: int) -> int:
