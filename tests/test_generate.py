@@ -19,6 +19,7 @@ from gpt2.config import GPTConfig
 from gpt2.detokenize import IncrementalText
 from gpt2.errors import UserError
 from gpt2.generate import KVCacheEngine, SamplingParams, complete, generate, stream
+from gpt2.kv_cache import KVCache
 from gpt2.model import GPT
 from gpt2.quantize import SplitKLinear, prepare_for_decoding
 from gpt2.sampling import PenaltyState, apply_penalties, choose_token, warp
@@ -83,6 +84,18 @@ def test_cache_logits_match_the_full_forward_pass() -> None:
     got += [engine.decode([0], [t]) for t in tokens[0, 25:].tolist()]
     torch.testing.assert_close(torch.cat(got)[:-1], full[0, :-1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[-1][0], full[0, -1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [[0, 1], [1, 0]])  # views of the cache; indexed writes
+def test_a_cache_continued_several_tokens_at_a_time_matches_the_full_pass(rows) -> None:
+    model = tiny_model(3)
+    tokens = torch.randint(0, 64, (2, 30), generator=torch.Generator().manual_seed(3))
+    full, _ = model(tokens)
+    cache = KVCache.for_model(model, batch=2).select(rows)
+    with torch.no_grad():  # a fresh prompt, one token, then 17 more on top of the 13 cached
+        parts = [model(tokens[rows, a:b], cache=cache)[0] for a, b in ((0, 12), (12, 13), (13, 30))]
+    got = torch.cat(parts, dim=1)[rows]  # back in row order (the permutation is its own inverse)
+    torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
 
 
 def test_training_forward_is_unchanged_by_a_cache_argument_of_none() -> None:
@@ -464,6 +477,7 @@ def test_prepare_for_decoding_with_two_threads_keeps_tokens_names_and_tying(thre
     assert isinstance(model.lm_head, SplitKLinear)
     assert model.lm_head.weight is model.transformer.wte.weight
     assert set(model.state_dict()) == names
+    assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())
     # Two threads store every weight (in, out): each slice of the input side is contiguous.
     assert model.transformer.h[0].mlp.c_proj.weight.stride() == (1, 32)
     assert torch.equal(generate(model, prompt, 60, temperature=0.0), tokens)

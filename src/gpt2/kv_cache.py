@@ -57,7 +57,10 @@ class KVCache:
         self.attn_mask: torch.Tensor | None = None  # (B, 1, T, L) True where attention may look
         self.is_causal = False  # no mask needed beyond the plain causal one (L == T)
         self._length = 0  # L: keys attended to, indices [0, L)
-        self._slice: tuple[int, int, int] | None = None  # (row0, row1, end) when writes are a slice
+        # When every row writes at the same index (the usual case), the views of all layers that
+        # this pass writes and reads, made once by `begin`: (n_layer, B, nh, T or L, hs) each.
+        self._new: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, values to write
+        self._all: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, values to read
         self._row_index: torch.Tensor | None = None  # (B, 1) rows, for the general write
         self._write_index: torch.Tensor | None = None  # (B, T) cache index of each new token
 
@@ -112,42 +115,45 @@ class KVCache:
         starts = [start[r] for r in rows]
         L = max(ends) + T
         self._length = L
-        steps = torch.arange(T, device=dev)  # (T,)
-        end_t = torch.tensor(ends, device=dev)  # (B,)
-        start_t = torch.tensor(starts, device=dev)  # (B,)
-        write = end_t[:, None] + steps  # (B, T): cache index of each new token
-        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
         same_end = all(e == ends[0] for e in ends)
-        self._slice = (rows[0], rows[-1] + 1, ends[0]) if contiguous and same_end else None
-        self._row_index = torch.tensor(rows, device=dev)[:, None]  # (B, 1)
-        self._write_index = write
         no_padding = all(s == 0 for s in starts)
-        if no_padding and same_end and T == 1:
-            self.attn_mask, self.is_causal = None, False  # one query that sees every key
-        elif no_padding and same_end and ends[0] == 0:
-            self.attn_mask, self.is_causal = None, True  # a fresh prompt: plain causal attention
+        write = None  # (B, T): cache index of each new token, made only where needed
+        if same_end and rows == list(range(rows[0], rows[0] + len(rows))):
+            r0, r1, e = rows[0], rows[-1] + 1, ends[0]
+            self._new = (self.k[:, r0:r1, :, e : e + T], self.v[:, r0:r1, :, e : e + T])
+            self._all = (self.k[:, r0:r1, :, :L], self.v[:, r0:r1, :, :L])
         else:
-            keys = torch.arange(L, device=dev)  # (L,)
-            q = write[:, :, None]  # (B, T, 1)
-            # A key is visible if it is a real token of the row at or before the query. A padding
-            # query may see itself, so that its (ignored) output is finite rather than NaN.
-            visible = (keys <= q) & ((keys >= start_t[:, None, None]) | (keys == q))  # (B, T, L)
-            self.attn_mask, self.is_causal = visible[:, None], False  # (B, 1, T, L)
+            self._new = self._all = None
+            write = torch.tensor(ends, device=dev)[:, None] + torch.arange(T, device=dev)
+            self._row_index = torch.tensor(rows, device=dev)[:, None]  # (B, 1)
+            self._write_index = write
         for r in rows:
             end[r] += T
+        if no_padding and same_end and (T == 1 or ends[0] == 0):
+            # One query that sees every key, or a fresh prompt: plain (causal) attention, and
+            # the same positions in every row.
+            self.attn_mask, self.is_causal = None, T > 1
+            return torch.arange(ends[0], ends[0] + T, device=dev).expand(len(rows), T)
+        if write is None:
+            write = torch.tensor(ends, device=dev)[:, None] + torch.arange(T, device=dev)
+        start_t = torch.tensor(starts, device=dev)  # (B,)
+        keys = torch.arange(L, device=dev)  # (L,)
+        q = write[:, :, None]  # (B, T, 1)
+        # A key is visible if it is a real token of the row at or before the query. A padding
+        # query may see itself, so that its (ignored) output is finite rather than NaN.
+        visible = (keys <= q) & ((keys >= start_t[:, None, None]) | (keys == q))  # (B, T, L)
+        self.attn_mask, self.is_causal = visible[:, None], False  # (B, 1, T, L)
         return (write - start_t[:, None]).clamp_(min=0)  # (B, T); padding gets position 0
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this layer's new keys/values (B, nh, T, hs); return all of them (B, nh, L, hs)."""
+        if self._new is not None:
+            self._new[0][layer].copy_(k)
+            self._new[1][layer].copy_(v)
+            return self._all[0][layer], self._all[1][layer]
         kb, vb, L = self.k[layer], self.v[layer], self._length  # kb: (rows, nh, max_len, hs)
-        if self._slice is not None:
-            r0, r1, e = self._slice
-            T = k.size(2)
-            kb[r0:r1, :, e : e + T] = k
-            vb[r0:r1, :, e : e + T] = v
-            return kb[r0:r1, :, :L], vb[r0:r1, :, :L]
         rows, write = self._row_index, self._write_index  # (B, 1), (B, T)
         # Advanced indices around a slice put their broadcast shape first: (B, T, nh, hs).
         kb[rows, :, write] = k.transpose(1, 2)
