@@ -116,26 +116,29 @@ class KVCache:
         L = max(ends) + T
         self._length = L
         same_end = all(e == ends[0] for e in ends)
-        no_padding = all(s == 0 for s in starts)
-        write = None  # (B, T): cache index of each new token, made only where needed
-        if same_end and rows == list(range(rows[0], rows[0] + len(rows))):
+        # Writes (and reads) are plain views when the rows are contiguous and write at one index.
+        views = same_end and rows == list(range(rows[0], rows[0] + len(rows)))
+        # One query that sees every key, or a fresh prompt: plain (causal) attention, no mask,
+        # and the same positions in every row.
+        plain = same_end and all(s == 0 for s in starts) and (T == 1 or ends[0] == 0)
+        for r in rows:
+            end[r] += T
+        if views:
             r0, r1, e = rows[0], rows[-1] + 1, ends[0]
             self._new = (self.k[:, r0:r1, :, e : e + T], self.v[:, r0:r1, :, e : e + T])
             self._all = (self.k[:, r0:r1, :, :L], self.v[:, r0:r1, :, :L])
         else:
             self._new = self._all = None
+        # (B, T): cache index of each new token; the usual decode step (views, plain) needs none.
+        write = None
+        if not (views and plain):
             write = torch.tensor(ends, device=dev)[:, None] + torch.arange(T, device=dev)
+        if not views:
             self._row_index = torch.tensor(rows, device=dev)[:, None]  # (B, 1)
             self._write_index = write
-        for r in rows:
-            end[r] += T
-        if no_padding and same_end and (T == 1 or ends[0] == 0):
-            # One query that sees every key, or a fresh prompt: plain (causal) attention, and
-            # the same positions in every row.
+        if plain:
             self.attn_mask, self.is_causal = None, T > 1
             return torch.arange(ends[0], ends[0] + T, device=dev).expand(len(rows), T)
-        if write is None:
-            write = torch.tensor(ends, device=dev)[:, None] + torch.arange(T, device=dev)
         start_t = torch.tensor(starts, device=dev)  # (B,)
         keys = torch.arange(L, device=dev)  # (L,)
         q = write[:, :, None]  # (B, T, 1)

@@ -29,6 +29,7 @@ int8 modules have no ``weight`` parameter).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -115,13 +116,20 @@ class SplitKLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, split-K"
 
 
-def split_k(model: GPT) -> GPT:
-    """Replace every ``nn.Linear`` by `SplitKLinear` over the same parameters, in place."""
+def replace_modules(
+    model: GPT, kind: type[nn.Module], make: Callable[[nn.Module], nn.Module]
+) -> GPT:
+    """Replace every submodule of type ``kind`` by ``make(it)``, in place (names unchanged)."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, name, SplitKLinear(child))
+            if isinstance(child, kind):
+                setattr(module, name, make(child))
     return model
+
+
+def split_k(model: GPT) -> GPT:
+    """Replace every ``nn.Linear`` by `SplitKLinear` over the same parameters, in place."""
+    return replace_modules(model, nn.Linear, SplitKLinear)
 
 
 def decode_layout(model: GPT) -> GPT:
@@ -178,11 +186,7 @@ def quantize_int8(model: GPT) -> GPT:
     """Replace every ``nn.Linear`` (the output head included) by `Int8Linear`, in place."""
     if next(model.parameters()).device.type != "cpu":
         raise UserError("int8 decoding runs on the CPU only (use --device cpu)")
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, name, Int8Linear(child.weight, child.bias))
-    return model
+    return replace_modules(model, nn.Linear, lambda lin: Int8Linear(lin.weight, lin.bias))
 
 
 def without_dropout(model: GPT) -> GPT:
@@ -191,11 +195,7 @@ def without_dropout(model: GPT) -> GPT:
     In eval mode dropout returns its input, but the call still goes through ``F.dropout``'s
     checks, 37 times a GPT-2 decode step: about 0.3 ms of it on a slow CPU (bench/NOTES.md).
     """
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Dropout):
-                setattr(module, name, nn.Identity())
-    return model
+    return replace_modules(model, nn.Dropout, lambda _: nn.Identity())
 
 
 def prepare_for_decoding(model: GPT, quantize: str = "none") -> GPT:
