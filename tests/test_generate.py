@@ -21,7 +21,7 @@ from gpt2.errors import UserError
 from gpt2.generate import KVCacheEngine, SamplingParams, complete, generate, stream
 from gpt2.kv_cache import KVCache
 from gpt2.model import GPT
-from gpt2.quantize import SplitKLinear, prepare_for_decoding
+from gpt2.quantize import DecodeLayerNorm, SplitLinear, pin_submodules, prepare_for_decoding
 from gpt2.sampling import PenaltyState, apply_penalties, choose_token, warp
 from gpt2.tokenizer import CharTokenizer, GPT2Tokenizer
 
@@ -429,42 +429,78 @@ def threads():
 @pytest.mark.parametrize("n_threads", [2, 3])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("transposed", [True, False])
-def test_split_k_linear_equals_linear(
-    threads, n_threads: int, bias: bool, transposed: bool
-) -> None:
+def test_split_linear_equals_linear(threads, n_threads: int, bias: bool, transposed: bool) -> None:
     threads(n_threads)
     torch.manual_seed(n_threads)
-    linear = torch.nn.Linear(48, 40, bias=bias)
-    if transposed:  # the (in, out) memory `decode_layout` makes
+    linear = torch.nn.Linear(48, 60, bias=bias)  # both sides divide by 2 and 3
+    if transposed:  # the (in, out) memory `decode_layout` makes for wide weights
         linear.weight.data = linear.weight.data.t().contiguous().t()
-    split = SplitKLinear(linear)
-    assert split.parts(48, n_threads) == n_threads  # 48 divides by 2 and 3
+    split = SplitLinear(linear)
     with torch.no_grad():
         for shape in [(1, 48), (1, 1, 48), (3, 2, 48), (20, 48)]:  # 20 rows: plain F.linear
             x = torch.randn(shape)
             torch.testing.assert_close(split(x), linear(x), rtol=1e-5, atol=1e-6)
+        # (in, out) memory is cut along the input side, (out, in) along the output side
+        assert split._p == n_threads
+        assert ("split input" if transposed else "split output") in repr(split)
         linear.weight.mul_(2.0)  # an in-place change is seen (its views are made again)
         x = torch.randn(1, 48)
         torch.testing.assert_close(split(x), linear(x), rtol=1e-5, atol=1e-6)
 
 
-def test_split_k_linear_passes_gradients(threads) -> None:
+def test_split_linear_takes_f_linear_for_a_weight_stored_neither_way(threads) -> None:
+    threads(2)
+    linear = torch.nn.Linear(24, 16)
+    linear.weight.data = torch.randn(16, 48)[:, ::2]  # a strided view: no contiguous blocks
+    split = SplitLinear(linear)
+    x = torch.randn(1, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(split(x), linear(x))
+    assert split._p == 1
+
+
+def test_split_linear_passes_gradients(threads) -> None:
     threads(2)
     linear = torch.nn.Linear(48, 40)
     x = torch.randn(1, 48)
-    SplitKLinear(linear)(x).sum().backward()
+    SplitLinear(linear)(x).sum().backward()
     expected = x.expand(40, 48)  # d(sum of x W^T + b) / dW: x in every row
     torch.testing.assert_close(linear.weight.grad, expected)
     torch.testing.assert_close(linear.bias.grad, torch.ones(40))
 
 
-def test_split_k_falls_back_when_threads_do_not_divide(threads) -> None:
+def test_split_linear_falls_back_when_threads_do_not_divide(threads) -> None:
     threads(2)
-    assert SplitKLinear.parts(33, 2) == 1  # 33 is odd: one slice, F.linear
-    linear = torch.nn.Linear(33, 8)
-    x = torch.randn(1, 33)
+    assert SplitLinear.parts(33, 2) == 1  # 33 is odd: one slice, F.linear
+    cut_input = torch.nn.Linear(33, 8)
+    cut_input.weight.data = cut_input.weight.data.t().contiguous().t()  # (in, out) memory
+    cut_output = torch.nn.Linear(8, 33)  # (out, in) memory
+    for linear in (cut_input, cut_output):
+        split = SplitLinear(linear)
+        x = torch.randn(1, linear.in_features)
+        with torch.no_grad():
+            torch.testing.assert_close(split(x), linear(x))
+        assert split._p == 1
+
+
+def test_decode_layer_norm_equals_layer_norm() -> None:
+    norm = torch.nn.LayerNorm(16)
     with torch.no_grad():
-        torch.testing.assert_close(SplitKLinear(linear)(x), linear(x))
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(3, 2, 16)
+    expected = norm(x)
+    norm.__class__ = DecodeLayerNorm
+    torch.testing.assert_close(norm(x), expected, rtol=0, atol=0)
+
+
+def test_pinned_submodules_follow_a_replacement() -> None:
+    model = pin_submodules(tiny_model(3))
+    block = model.transformer.h[0]
+    assert block.__dict__["attn"] is block._modules["attn"]
+    identity = torch.nn.Identity()
+    block.ln_1 = identity  # Module.__setattr__ drops the pinned copy
+    assert block.ln_1 is identity and block._modules["ln_1"] is identity
 
 
 def test_prepare_for_decoding_with_two_threads_keeps_tokens_names_and_tying(threads) -> None:
@@ -474,12 +510,16 @@ def test_prepare_for_decoding_with_two_threads_keeps_tokens_names_and_tying(thre
     tokens = generate(model, prompt, 60, temperature=0.0)
     names = set(model.state_dict())
     prepare_for_decoding(model)
-    assert isinstance(model.lm_head, SplitKLinear)
+    assert isinstance(model.lm_head, SplitLinear)
+    assert all(type(m) is not torch.nn.LayerNorm for m in model.modules())
     assert model.lm_head.weight is model.transformer.wte.weight
     assert set(model.state_dict()) == names
     assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())
-    # Two threads store every weight (in, out): each slice of the input side is contiguous.
-    assert model.transformer.h[0].mlp.c_proj.weight.stride() == (1, 32)
+    # Wide weights are stored (in, out) and cut along the input side, the tall mlp.c_proj keeps
+    # (out, in) and is cut along the output side: either way each slice is contiguous.
+    mlp = model.transformer.h[0].mlp
+    assert mlp.c_fc.weight.stride() == (1, 128) and mlp.c_proj.weight.stride() == (128, 1)
+    assert "split input" in repr(mlp.c_fc) and "split output" in repr(mlp.c_proj)
     assert torch.equal(generate(model, prompt, 60, temperature=0.0), tokens)
 
 

@@ -42,11 +42,11 @@ class CausalSelfAttention(nn.Module):
         self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0
     ) -> torch.Tensor:
         B, T, C = x.shape  # batch, time (tokens), channels (n_embd)
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        hs = C // self.n_head
-        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        hs = C // self.n_head  # head size
+        # c_attn's 3C outputs are all queries, then all keys, then all values, each nh heads of
+        # hs side by side: one view and one permute give the three as (B, nh, T, hs), no copies.
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, hs).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, nh, T, hs) each
         if cache is None:
             # softmax(q k^T / sqrt(hs) + causal mask) v, by PyTorch's fused kernel (flash or
             # memory-efficient where available): the (T, T) score matrix is never stored for backward.

@@ -7,14 +7,16 @@ inference (`prepare_for_decoding`):
 
 - ``decode_layout``: every ``nn.Linear`` weight keeps its shape, name and values but is *stored*
   with its longer side contiguous: the wide layers, the tied 50257 x 768 output head included,
-  as (in, out) in memory. MKL streams such a weight for one row of input at 20-25 GB/s here,
-  against 14-16 GB/s in the (out, in) layout (bench/NOTES.md). The embedding lookup reads the
-  head's storage with a stride, one row per token: negligible.
-- ``SplitKLinear``: with two or more torch threads, each ``nn.Linear`` multiplies its few rows
-  of input by the weight in ``p`` slices of the input side at once (one ``torch.bmm`` of ``p``
-  products, then a sum of ``p`` partial rows). MKL runs a one-row product on a single core, and
-  one core reads memory at 15-19 GB/s here against 26-28 GB/s for two; the slices let every
-  thread stream its own part of the weight.
+  as (in, out) in memory, the others as the usual (out, in). MKL streams a wide weight for one
+  row of input at 20-25 GB/s here in (in, out) memory, against 14-16 GB/s in (out, in)
+  (bench/NOTES.md). The embedding lookup reads the head's storage with a stride, one row per
+  token: negligible.
+- ``SplitLinear``: with two or more torch threads, each ``nn.Linear`` multiplies its few rows
+  of input by the weight in ``p`` contiguous blocks at once, one ``torch.bmm`` of ``p``
+  products: blocks of the input side for a weight stored (in, out) (then a sum of ``p`` partial
+  rows), of the output side for one stored (out, in). MKL runs a one-row product on a single
+  core, and one core reads memory at 15-19 GB/s here against 26-28 GB/s for two; the blocks let
+  every thread stream its own part of the weight.
 - ``int8``: each ``nn.Linear`` becomes `Int8Linear`: weights in int8 with one scale per output
   channel (4x fewer bytes than fp32), activations quantized per tensor on the fly (dynamic
   quantization, PyTorch's fbgemm/x86 kernels). The output head gets an int8 copy of the token
@@ -41,8 +43,17 @@ from gpt2.model import GPT
 QUANTIZE_MODES = ("none", "int8")
 
 
-class SplitKLinear(nn.Module):
+class SplitLinear(nn.Module):
     """``y = x W^T + b`` for a few rows of input, the weight read by every thread at once.
+
+    The weight is cut into ``p`` blocks that are each one contiguous stretch of memory, one per
+    thread, and the ``p`` products run as one ``torch.bmm``. Which side is cut follows how the
+    weight is stored (`decode_layout`):
+
+    - stored (in, out): the input side ("split-K"). Slice s multiplies x[:, s*k:(s+1)*k] by
+      rows s*k..(s+1)*k of W^T; the ``p`` partial outputs are added.
+    - stored (out, in): the output side ("split-N"). Slice s computes outputs s*n..(s+1)*n from
+      the whole of x; the ``p`` pieces lie side by side in memory, already the output.
 
     The same ``weight`` and ``bias`` parameters as the ``nn.Linear`` it replaces (so the output
     head stays tied to the embedding, and names are unchanged). For more than ``max_rows`` rows,
@@ -58,13 +69,13 @@ class SplitKLinear(nn.Module):
         self.register_parameter("bias", linear.bias)  # registered even when None (`forward`)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self._key: tuple | None = None  # what `_slice` last sliced for
-        self._p, self._ws, self._bias = 1, None, None  # set by `_slice`
+        self._p, self._split_out, self._ws, self._bias = 1, False, None, None  # set by `_slice`
 
     @staticmethod
-    def parts(in_features: int, threads: int) -> int:
-        """Slices of the input side: the most that torch's threads allow and that divide it."""
+    def parts(features: int, threads: int) -> int:
+        """Slices of the side that is cut: the most that torch's threads allow and that divide it."""
         p = min(threads, 16)
-        while in_features % p:
+        while features % p:
             p -= 1
         return p
 
@@ -82,16 +93,22 @@ class SplitKLinear(nn.Module):
         key = (threads, weight.data_ptr(), weight._version, None if bias is None else bias._version)
         if key != self._key:
             self._slice(threads, weight, bias, key)
-        p = self._p
+        p, ws, b = self._p, self._ws, self._bias
         if p == 1:
             return F.linear(x, weight, bias)
-        # Slice s multiplies x[:, s*k:(s+1)*k] by W^T[s*k:(s+1)*k, :], k = in / p; the bias
-        # rides in slice 0's accumulator (baddbmm), so the partial rows only need adding.
+        if self._split_out:
+            n_in = self.in_features
+            # (p, rows, in): every slice reads the whole input (expand: no copy)
+            xs = x.expand(p, 1, n_in) if rows == 1 else x.reshape(1, rows, n_in).expand(p, -1, -1)
+            y = torch.bmm(xs, ws) if b is None else torch.baddbmm(b, xs, ws)  # (p, rows, n)
+            if rows > 1:  # one row: (p, 1, n) is already the (1, out) row in memory
+                y = y.transpose(0, 1)
+            return y.reshape(*x.shape[:-1], self.out_features)
+        # The bias rides in slice 0's accumulator (baddbmm), so the partial rows only need adding.
         k = self.in_features // p
         # (p, rows, k); one row (decoding one sequence) needs no transpose, one op fewer
         xs = x.reshape(p, 1, k) if rows == 1 else x.reshape(rows, p, k).transpose(0, 1)
-        ws = self._ws
-        partial = torch.bmm(xs, ws) if bias is None else torch.baddbmm(self._bias, xs, ws)
+        partial = torch.bmm(xs, ws) if b is None else torch.baddbmm(b, xs, ws)
         y = partial[0] + partial[1]  # (rows, out); adds of rows beat a threaded sum(0)
         for s in range(2, p):
             y += partial[s]
@@ -100,20 +117,42 @@ class SplitKLinear(nn.Module):
     def _slice(
         self, threads: int, weight: torch.Tensor, bias: torch.Tensor | None, key: tuple
     ) -> None:
-        """The weight as p views (p, in/p, out), whatever its storage ((out, in) or (in, out)
-        memory, see `decode_layout`), and the bias as (p, 1, out) with zeros after slice 0;
-        made again only when the thread count or the parameters change."""
+        """The weight as p views (p, in/p, out) or (p, in, out/p), each one contiguous block of
+        its storage, and the bias shaped to match (split-K: (p, 1, out), zeros after slice 0;
+        split-N: (p, 1, out/p)); made again only when the thread count or the parameters change.
+        A weight stored neither way (a strided view) gets p = 1: plain ``F.linear``."""
         n_in, n_out = self.in_features, self.out_features
-        p = self._p = self.parts(n_in, threads)
-        self._ws = weight.detach().view(n_out, p, n_in // p).permute(1, 2, 0)
-        self._bias = None
-        if bias is not None:
-            self._bias = torch.zeros(p, 1, n_out, dtype=bias.dtype, device=bias.device)
-            self._bias[0, 0] = bias.detach()
+        w = weight.detach()
+        b = None if bias is None else bias.detach()
+        side = self.cut_side(w)
+        self._split_out = side == "output"
+        if side == "output":  # (out, in) memory
+            p = self.parts(n_out, threads)
+            self._ws = w.view(p, n_out // p, n_in).transpose(1, 2)
+            self._bias = None if b is None else b.view(p, 1, n_out // p)
+        elif side == "input":  # (in, out) memory
+            p = self.parts(n_in, threads)
+            self._ws = w.t().view(p, n_in // p, n_out)
+            self._bias = None
+            if b is not None:
+                self._bias = torch.zeros(p, 1, n_out, dtype=b.dtype, device=b.device)
+                self._bias[0, 0] = b
+        else:
+            p = 1
+        self._p = p
         self._key = key
 
+    @staticmethod
+    def cut_side(weight: torch.Tensor) -> str | None:
+        """The side of an (out, in) weight whose blocks are contiguous in its memory."""
+        if weight.is_contiguous():
+            return "output"
+        return "input" if weight.t().is_contiguous() else None
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, split-K"
+        side = self.cut_side(self._parameters["weight"])
+        how = f"split {side}" if side else "F.linear"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {how}"
 
 
 def replace_modules(
@@ -127,27 +166,28 @@ def replace_modules(
     return model
 
 
-def split_k(model: GPT) -> GPT:
-    """Replace every ``nn.Linear`` by `SplitKLinear` over the same parameters, in place."""
-    return replace_modules(model, nn.Linear, SplitKLinear)
+def split_across_threads(model: GPT) -> GPT:
+    """Replace every ``nn.Linear`` by `SplitLinear` over the same parameters, in place."""
+    return replace_modules(model, nn.Linear, SplitLinear)
 
 
 def decode_layout(model: GPT) -> GPT:
     """Store each linear weight in the layout read fastest for one row of input, in place.
 
     Values, shapes and names are unchanged; only the strides differ. Measured here
-    (bench/NOTES.md): with one thread (plain ``F.linear``), MKL streams a weight fastest when
-    its contiguous rows are long: (in, out) storage for the wide layers (c_attn, c_fc, and the
-    50257-wide output head, which is tied to the embedding and so changes with it), the usual
-    (out, in) for the tall mlp.c_proj. With two or more threads (`SplitKLinear`), every weight
-    is stored (in, out), so that each thread's slice of the input side is one contiguous block.
+    (bench/NOTES.md): MKL streams a weight fastest when its contiguous rows are long, so the
+    wide layers (c_attn, c_fc, and the 50257-wide output head, which is tied to the embedding
+    and so changes with it) are stored (in, out), the square attn.c_proj and the tall
+    mlp.c_proj keep the usual (out, in). With two or more threads (`SplitLinear`), either way
+    each thread's block of the weight is one contiguous stretch of memory: the wide weights are
+    cut along the input side, the others along the output side, which reads the tall mlp.c_proj
+    about 15% faster than cutting its 3072 inputs.
     """
-    threads = torch.get_num_threads()
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.Linear):
                 w = module.weight  # (out, in)
-                want_transposed = threads > 1 or w.size(0) > w.size(1)
+                want_transposed = w.size(0) > w.size(1)
                 is_transposed = w.stride() == (1, w.size(0))
                 if want_transposed and not is_transposed:
                     w.data = w.data.t().contiguous().t()  # (out, in) view of (in, out) memory
@@ -198,6 +238,44 @@ def without_dropout(model: GPT) -> GPT:
     return replace_modules(model, nn.Dropout, lambda _: nn.Identity())
 
 
+class DecodeLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` with the same parameters and result, for small decoding inputs.
+
+    Its ``forward`` reads the parameters from ``_parameters`` and calls ``torch.layer_norm``
+    directly: for one row of 768 the plain module spends about as long in Python (three
+    ``Module.__getattr__`` lookups, ``F.layer_norm``'s checks) as in the kernel, 25 times a
+    GPT-2 decode step.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self._parameters
+        return torch.layer_norm(x, self.normalized_shape, p["weight"], p["bias"], self.eps)
+
+
+def lean_layer_norms(model: GPT) -> GPT:
+    """Make every ``nn.LayerNorm`` a `DecodeLayerNorm`, in place (same parameters, same names)."""
+    for module in model.modules():
+        if type(module) is nn.LayerNorm:
+            module.__class__ = DecodeLayerNorm
+    return model
+
+
+def pin_submodules(model: GPT) -> GPT:
+    """Put each submodule in its parent's instance ``__dict__``, in place.
+
+    ``self.ln_1`` on an ``nn.Module`` fails the ordinary lookup and falls back to
+    ``Module.__getattr__``, a Python function searching three dicts: about 2 microseconds here,
+    a dozen times per block per token. With the reference in ``__dict__`` it is a plain attribute
+    read. ``Module.__setattr__`` drops the copy when a submodule is replaced, so the two never
+    disagree; parameters are left alone (``Module._apply`` may swap them in ``_parameters``).
+    """
+    for module in model.modules():
+        for name, child in module._modules.items():
+            if child is not None:
+                module.__dict__[name] = child
+    return model
+
+
 def prepare_for_decoding(model: GPT, quantize: str = "none") -> GPT:
     """The model, in place, in the fastest weight format for decoding on its device."""
     if quantize not in QUANTIZE_MODES:
@@ -206,9 +284,10 @@ def prepare_for_decoding(model: GPT, quantize: str = "none") -> GPT:
         )
     model.eval()
     without_dropout(model)
+    lean_layer_norms(model)
     if quantize == "int8":
-        return quantize_int8(model)
-    if next(model.parameters()).device.type == "cpu":
+        quantize_int8(model)
+    elif next(model.parameters()).device.type == "cpu":
         decode_layout(model)
-        split_k(model)
-    return model
+        split_across_threads(model)
+    return pin_submodules(model)  # last: the steps above replace submodules
