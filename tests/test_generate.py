@@ -459,6 +459,14 @@ def test_split_linear_takes_f_linear_for_a_weight_stored_neither_way(threads) ->
     assert split._p == 1
 
 
+def test_split_linear_works_on_parameters_made_in_inference_mode(threads) -> None:
+    threads(2)
+    with torch.inference_mode():  # e.g. a model loaded inside inference_mode: no version counters
+        linear = torch.nn.Linear(48, 60)
+        x = torch.randn(1, 48)
+        torch.testing.assert_close(SplitLinear(linear)(x), linear(x), rtol=1e-5, atol=1e-6)
+
+
 def test_split_linear_passes_gradients(threads) -> None:
     threads(2)
     linear = torch.nn.Linear(48, 40)

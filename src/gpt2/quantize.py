@@ -90,7 +90,11 @@ class SplitLinear(nn.Module):
         # The slices are detached views, so a pass that records gradients takes the plain path.
         if threads == 1 or rows > self.max_rows or torch.is_grad_enabled():
             return F.linear(x, weight, bias)
-        key = (threads, weight.data_ptr(), weight._version, None if bias is None else bias._version)
+        try:
+            bias_version = None if bias is None else bias._version
+            key = (threads, weight.data_ptr(), weight._version, bias_version)
+        except RuntimeError:  # parameters made under inference_mode have no version counter
+            key = (threads, weight.data_ptr(), -1, -1)
         if key != self._key:
             self._slice(threads, weight, bias, key)
         p, ws, b = self._p, self._ws, self._bias
