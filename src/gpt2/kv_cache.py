@@ -63,6 +63,7 @@ class KVCache:
         self._all: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, values to read
         self._row_index: torch.Tensor | None = None  # (B, 1) rows, for the general write
         self._write_index: torch.Tensor | None = None  # (B, T) cache index of each new token
+        self._read_rows: slice | torch.Tensor | None = None  # the rows read, for the general case
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch: int, max_len: int | None = None) -> KVCache:
@@ -116,8 +117,9 @@ class KVCache:
         L = max(ends) + T
         self._length = L
         same_end = all(e == ends[0] for e in ends)
+        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
         # Writes (and reads) are plain views when the rows are contiguous and write at one index.
-        views = same_end and rows == list(range(rows[0], rows[0] + len(rows)))
+        views = same_end and contiguous
         # One query that sees every key, or a fresh prompt: plain (causal) attention, no mask,
         # and the same positions in every row.
         plain = same_end and all(s == 0 for s in starts) and (T == 1 or ends[0] == 0)
@@ -136,6 +138,8 @@ class KVCache:
         if not views:
             self._row_index = torch.tensor(rows, device=dev)[:, None]  # (B, 1)
             self._write_index = write
+            # Reading: a view of contiguous rows, else a gather of the selected ones.
+            self._read_rows = slice(rows[0], rows[-1] + 1) if contiguous else self._row_index[:, 0]
         if plain:
             self.attn_mask, self.is_causal = None, T > 1
             return torch.arange(ends[0], ends[0] + T, device=dev).expand(len(rows), T)
@@ -161,11 +165,8 @@ class KVCache:
         # Advanced indices around a slice put their broadcast shape first: (B, T, nh, hs).
         kb[rows, :, write] = k.transpose(1, 2)
         vb[rows, :, write] = v.transpose(1, 2)
-        r = self.rows
-        if r == list(range(r[0], r[0] + len(r))):
-            return kb[r[0] : r[-1] + 1, :, :L], vb[r[0] : r[-1] + 1, :, :L]
-        index = rows[:, 0]
-        return kb[index, :, :L], vb[index, :, :L]  # gathered copies of the selected rows
+        read = self._read_rows  # a slice (views) or an index tensor (gathered copies)
+        return kb[read, :, :L], vb[read, :, :L]
 
     # Row bookkeeping, for engines -----------------------------------------------------------
 
