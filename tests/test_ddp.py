@@ -13,7 +13,7 @@ import torch
 
 from gpt2.checkpoint import load_checkpoint
 from gpt2.config import TrainConfig
-from gpt2.data import prepare
+from gpt2.data import load_split, prepare
 from gpt2.train import Trainer
 
 STEPS = 20
@@ -88,6 +88,38 @@ def torchrun_train(data: Path, out: Path, *extra: str) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def key_bias_free(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters with the keys' third of each ``c_attn.bias`` left out.
+
+    That bias adds ``q . b_k`` to every score of a query's row, and softmax ignores a constant
+    added to a row: its gradient is zero in exact arithmetic and rounding noise in floats. AdamW
+    divides that noise by its own RMS, so each step moves it by about the learning rate with the
+    noise's sign, and two runs that sum in another order walk it apart by design (differences
+    of 1e-5 after 20 steps on AVX-512 kernels). Every other parameter has a real gradient and
+    must agree.
+    """
+    out = {}
+    for name, p in model.named_parameters():
+        if name.endswith("attn.c_attn.bias"):
+            c = p.numel() // 3
+            p = torch.cat([p[:c], p[2 * c :]])  # queries and values; keys dropped
+        out[name] = p.detach()
+    return out
+
+
+def assert_same_function(a: torch.nn.Module, b: torch.nn.Module, data: Path) -> None:
+    """``a`` and ``b`` are the same model: equal parameters where the gradient is real (1e-5:
+    20 AdamW steps of float32 sums taken in another order), and equal logits, which the key
+    biases cannot change."""
+    pa, pb = key_bias_free(a), key_bias_free(b)
+    for name in pa:
+        assert torch.allclose(pa[name], pb[name], atol=1e-5), name
+    idx = torch.from_numpy(load_split(data, "val")[: 4 * 32].astype("int64")).view(4, 32)
+    with torch.no_grad():
+        la, lb = a.eval()(idx)[0], b.eval()(idx)[0]
+    assert torch.allclose(la, lb, atol=1e-4), (la - lb).abs().max()
+
+
 def history(out: Path) -> dict[int, dict]:
     lines = (out / "metrics.jsonl").read_text().splitlines()
     return {r["step"]: r for r in map(json.loads, lines) if "loss" in r}
@@ -112,8 +144,7 @@ def test_two_processes_equal_one_process_accumulating(char_data, tmp_path, mode,
         assert ranks[step]["grad_norm"] == pytest.approx(single[step]["grad_norm"], rel=1e-4)
     # Only rank 0 wrote, and its checkpoint holds the same model as the single process's.
     a, b = load_checkpoint(tmp_path / "ranks").model, load_checkpoint(single_out).model
-    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
-        assert torch.allclose(p, q, atol=1e-5), name
+    assert_same_function(a, b, char_data)
     state = load_checkpoint(tmp_path / "ranks").trainer_state()
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     assert state["loader"]["position"] == STEPS * 2 * per_rank * 4  # windows, both ranks

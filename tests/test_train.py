@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2 import cli
+from gpt2 import cli, precision
 from gpt2.checkpoint import load_checkpoint, step_checkpoints
 from gpt2.commands.train import config_path, packaged_configs, resolve_configs
 from gpt2.config import TrainConfig, load_toml, padded_vocab_size
@@ -125,10 +125,30 @@ def test_float16_needs_cuda(char_data, tmp_path):
         Trainer(config(char_data, tmp_path, dtype="float16"), TINY, show_progress=False)
 
 
-def test_auto_precision_is_float32_on_the_cpu(char_data, tmp_path):
+def test_auto_precision_is_float32_on_a_cpu_without_native_bf16(char_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2"}))
     trainer = Trainer(config(char_data, tmp_path), TINY, show_progress=False)
-    assert trainer.dtype == torch.float32
+    assert trainer.dtype == torch.float32 and trainer.cfg.dtype == "float32"
     assert not trainer.scaler.is_enabled()
+
+
+def test_auto_picks_bfloat16_on_a_native_cpu_says_why_and_records_it(
+    char_data, tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    monkeypatch.setattr(
+        precision, "matmul_flops", lambda dtype, *a, **k: 4e11 if dtype == torch.bfloat16 else 2e11
+    )
+    monkeypatch.setattr(precision, "cpu_peak_flops", lambda dtype=torch.float32: 1e11)
+    with caplog.at_level("INFO", logger="gpt2.train"):
+        Trainer(
+            config(char_data, tmp_path, max_iters=2, eval_interval=2), TINY, show_progress=False
+        ).run()
+    assert "dtype: bfloat16 (this CPU multiplies bf16 natively: 100 vs 100 GFLOP/s)" in caplog.text
+    assert load_checkpoint(tmp_path).train_config.dtype == "bfloat16"  # what ran, not "auto"
+    # An explicit float32 always wins.
+    trainer = Trainer(config(char_data, tmp_path / "f", dtype="float32"), TINY, show_progress=False)
+    assert trainer.dtype == torch.float32
 
 
 def test_bfloat16_autocast_on_the_cpu_trains(char_data, tmp_path):
@@ -281,7 +301,7 @@ def test_ready_made_configs_are_valid():
     char, _ = resolve_configs(
         cli.build_parser().parse_args(["train", "--config", "shakespeare_char"])
     )
-    assert char == TrainConfig(dtype="float32", lr_decay_iters=2000)  # what `gpt2 train` runs
+    assert char == TrainConfig(lr_decay_iters=2000)  # what `gpt2 train` runs
 
 
 def test_unknown_ready_made_config_is_a_clear_error(capsys):

@@ -3,18 +3,16 @@
 MFU is the share of the hardware's peak arithmetic that the model's own FLOPs use: FLOPs per
 token (below) times tokens per second, over the peak. The peak comes from a table of data-centre
 GPUs (dense tensor-core figures from the vendors' data sheets), or, on the CPU, from a short
-probe: the best of a few fp32 matrix products timed here and now.
+probe: the best of a few matrix products in the run's own dtype, timed here and now.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
 import resource
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ import torch
 
 from gpt2.config import GPTConfig
 from gpt2.errors import UserError
+from gpt2.precision import cpu_peak_flops
 
 # Dense peak TFLOP/s by precision, matched against torch.cuda.get_device_name() (first match wins,
 # so the more specific names come first). "float32" is the non-tensor-core figure.
@@ -59,35 +58,14 @@ def gpu_peak_flops(device: torch.device, precision: str) -> float | None:
     return None
 
 
-@functools.cache
-def cpu_peak_flops(size: int = 1024, repeats: int = 8) -> float:
-    """FP32 FLOP/s of this CPU's best square matrix product over a few tries (about 0.1-0.2 s).
-
-    Measured once per process. On a busy machine it is lower than the hardware can do, which
-    keeps MFU honest about what this run could have had.
-    """
-    g = torch.Generator().manual_seed(
-        0
-    )  # its own generator: a run's random numbers stay as they were
-    a = torch.randn(size, size, generator=g)
-    b = torch.randn(size, size, generator=g)
-    torch.mm(a, b)  # warm-up: thread pool, caches
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
-
-
 def peak_flops(device: torch.device, precision: str, override_tflops: float = 0.0) -> float | None:
     """The peak MFU is measured against: the override, the GPU table, or the CPU probe."""
     if override_tflops > 0:
         return override_tflops * 1e12
     if device.type == "cuda":
         return gpu_peak_flops(device, precision)
-    if device.type == "cpu":
-        return cpu_peak_flops()
+    if device.type == "cpu":  # the probe of the dtype the run computes in
+        return cpu_peak_flops(torch.bfloat16 if precision == "bfloat16" else torch.float32)
     return None
 
 

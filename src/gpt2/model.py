@@ -256,27 +256,43 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_rows):  # (N, C), (V, C), (N,), int
+        device = hidden.device.type
+        # Under autocast the four products run in its dtype (bfloat16 on a CPU that multiplies
+        # it natively); the logits, softmax, loss and both gradients stay in float32.
+        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        with torch.autocast(device, enabled=False):
+            h_all = hidden if compute is None else hidden.to(compute)
+            w = weight if compute is None else weight.to(compute)
+            return _LinearCrossEntropy._chunks(ctx, hidden, weight, h_all, w, targets, chunk_rows)
+
+    @staticmethod
+    def _chunks(ctx, hidden, weight, h_all, w, targets, chunk_rows):
         scored = targets != -1  # (N,)
-        n_scored = scored.sum().clamp(min=1).to(hidden.dtype)
+        n_scored = scored.sum().clamp(min=1).float()
         safe_targets = targets.clamp(min=0).unsqueeze(1)  # (N, 1): -1 gathers row 0, masked below
         want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_grad else None
         grad_weight = torch.zeros_like(weight) if want_grad else None
-        total = hidden.new_zeros(())
+        total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.size(0), chunk_rows):
             rows = slice(start, start + chunk_rows)
-            h, t, keep = hidden[rows], safe_targets[rows], scored[rows].to(hidden.dtype)
-            logits = h @ weight.t()  # (n, V)
+            h, t, keep = h_all[rows], safe_targets[rows], scored[rows].float()
+            logits = (h @ w.t()).float()  # (n, V)
             lse = torch.logsumexp(logits, dim=1)  # (n,)
             total += ((lse - logits.gather(1, t).squeeze(1)) * keep).sum()
             if want_grad:
                 grad = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
                 grad.scatter_add_(1, t, -keep.unsqueeze(1))  # minus one-hot where scored
                 grad.mul_((keep / n_scored).unsqueeze(1))  # d(mean loss) / d(logits)
-                torch.mm(grad, weight, out=grad_hidden[rows])
-                grad_weight.addmm_(grad.t(), h)
+                if w.dtype == weight.dtype:  # float32: straight into the gradients' memory
+                    torch.mm(grad, w, out=grad_hidden[rows])
+                    grad_weight.addmm_(grad.t(), h)
+                else:  # a low-precision product, summed into the float32 gradient
+                    grad = grad.to(w.dtype)
+                    grad_hidden[rows] = grad @ w
+                    grad_weight += grad.t() @ h
         ctx.save_for_backward(grad_hidden, grad_weight)
-        return total / n_scored
+        return (total / n_scored).to(hidden.dtype)
 
     @staticmethod
     def backward(ctx, grad_loss):

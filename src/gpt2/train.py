@@ -19,6 +19,7 @@ loader's position (`gpt2.checkpoint`, `gpt2.loader`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import random
@@ -58,6 +59,7 @@ from gpt2.metrics import (
     precision_name,
 )
 from gpt2.model import GPT
+from gpt2.precision import resolve_dtype
 from gpt2.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -82,22 +84,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError("device mps was asked for, but it is not available")
     return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The autocast precision. ``auto`` is bfloat16 only on CUDA GPUs with native support: a
-    CPU without it emulates bfloat16 about 100x slower than float32."""
-    if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    if name == "float16" and device.type != "cuda":
-        raise UserError("dtype float16 needs a CUDA GPU; use bfloat16 or float32")
-    if name == "bfloat16" and device.type == "cpu":
-        log.warning(
-            "bfloat16 on the CPU: fast only on CPUs with native bfloat16 (AVX512-BF16, AMX)"
-        )
-    return getattr(torch, name)
 
 
 def learning_rate_at(step: int, cfg: TrainConfig) -> float:
@@ -228,7 +214,6 @@ class Trainer:
         self.device = distributed.setup(self.env, resolve_device(cfg.device))
         self.is_main = self.env.is_main
         self.show_progress = show_progress and self.is_main
-        self.dtype = resolve_dtype(cfg.dtype, self.device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
             torch.backends.cudnn.allow_tf32 = cfg.tf32
@@ -247,6 +232,15 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every process
         model = self._build_model(meta, model_overrides or {}, resume_from)
         self.model = model.to(self.device)
+        block = self.model.config.block_size
+        self.precision = resolve_dtype(
+            cfg.dtype, self.device, self.model.config.n_embd, cfg.batch_size * block
+        )
+        self.dtype = self.precision.dtype
+        if self.is_main:
+            log.info("dtype: %s (%s)", self.precision.name, self.precision.reason)
+        # The checkpoint records what ran, not "auto": a resume elsewhere can see the change.
+        self.cfg = cfg = dataclasses.replace(cfg, dtype=self.precision.name)
         self.flops_per_token = flops_per_token(
             model.config, model.num_parameters(non_embedding=True)
         )
@@ -256,7 +250,6 @@ class Trainer:
         np.random.seed(rank_seed)
         torch.manual_seed(rank_seed)
 
-        block = self.model.config.block_size
         self.micro_tokens = cfg.batch_size * block
         self.accum_steps = accumulation_steps(
             cfg.total_batch_tokens, self.micro_tokens, self.env.world_size
@@ -286,9 +279,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.train_model = torch.compile(self.wrapped) if cfg.compile else self.wrapped
-        # In float32 on the CPU the loss is computed a chunk of rows at a time (never the
-        # whole logits tensor); autocast and GPUs take the plain path.
-        self.chunked_loss = self.device.type == "cpu" and self.dtype == torch.float32
+        # On the CPU the loss is computed a chunk of rows at a time (never the whole logits
+        # tensor), in float32 under autocast too; GPUs take the plain path.
+        self.chunked_loss = self.device.type == "cpu"
         self.step = 0
         self.best_val_loss = math.inf
         self.skips_in_a_row = 0

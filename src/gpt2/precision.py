@@ -1,0 +1,119 @@
+"""The precision a run computes in, chosen for the machine at hand (``--dtype auto``).
+
+- CUDA: bfloat16 where the GPU has it (Ampere and later), else float16 with the gradient scaler.
+- CPU: bfloat16 autocast where the CPU multiplies bfloat16 in hardware (``avx512_bf16`` or
+  ``amx_bf16`` among its flags) and a short probe at the model's own product shape finds it
+  faster than float32; float32 elsewhere. Without those instructions bfloat16 is emulated, about
+  two orders of magnitude slower than float32, so the flags are checked before anything is timed.
+- Anything else (Apple's MPS): float32.
+
+An explicit ``float32``, ``bfloat16`` or ``float16`` is taken as asked (float16 needs CUDA).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gpt2.errors import UserError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+# bfloat16 must beat float32 by this much at the model's shape to be picked: autocast also
+# pays for casts and for the float32 work around the products, which the probe does not see.
+MIN_BF16_GAIN = 1.3
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A resolved dtype and the one-line reason it was chosen, for the log."""
+
+    dtype: torch.dtype
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none: macOS, Windows)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX), so that torch's
+    oneDNN kernels run bfloat16 products faster than float32 ones."""
+    return any(flag in cpu_flags() for flag in BF16_CPU_FLAGS)
+
+
+def matmul_flops(dtype: torch.dtype, m: int, k: int, n: int, repeats: int = 5) -> float:
+    """FLOP/s of the best of ``repeats`` (m, k) @ (k, n) products in ``dtype`` on the CPU, casts
+    from float32 included (autocast pays them too)."""
+    g = torch.Generator().manual_seed(0)  # its own generator: the run's numbers stay as they were
+    a, b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
+    run = (lambda: a @ b) if dtype == torch.float32 else (lambda: a.to(dtype) @ b.to(dtype))
+    run()  # warm-up: thread pool, caches, oneDNN's kernel choice
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return 2 * m * k * n / best
+
+
+@functools.cache
+def cpu_peak_flops(dtype: torch.dtype = torch.float32, size: int = 1024) -> float:
+    """This CPU's best square product in ``dtype`` (about 0.1 s), measured once per process.
+    On a busy machine it is lower than the hardware can do, which keeps MFU honest."""
+    return matmul_flops(dtype, size, size, size, repeats=8)
+
+
+def choose_cpu(n_embd: int, rows: int) -> Precision:
+    """bfloat16 or float32 for a model of width ``n_embd`` fed ``rows`` tokens a micro-batch."""
+    if not cpu_has_native_bf16():
+        return Precision(torch.float32, "this CPU has no native bf16 (no AVX512-BF16 or AMX)")
+    fp32 = cpu_peak_flops(torch.float32) / 1e9
+    bf16 = cpu_peak_flops(torch.bfloat16) / 1e9
+    peaks = f"{bf16:.0f} vs {fp32:.0f} GFLOP/s"
+    # The MLP's first product, the largest of a block, at this model's shape.
+    shape = (min(rows, 4096), n_embd, 4 * n_embd)
+    gain = matmul_flops(torch.bfloat16, *shape) / matmul_flops(torch.float32, *shape)
+    if gain < MIN_BF16_GAIN:
+        return Precision(
+            torch.float32,
+            f"this CPU multiplies bf16 natively ({peaks}), but at this model's width it is only "
+            f"{gain:.2f}x faster",
+        )
+    return Precision(torch.bfloat16, f"this CPU multiplies bf16 natively: {peaks}")
+
+
+def resolve_dtype(name: str, device: torch.device, n_embd: int = 768, rows: int = 1024) -> Precision:
+    """The precision for ``--dtype name`` on ``device`` (see the module's docstring)."""
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
+    if name == "auto":
+        if device.type == "cuda":
+            if torch.cuda.is_bf16_supported():
+                return Precision(torch.bfloat16, "this GPU supports bf16")
+            return Precision(torch.float16, "this GPU has no bf16: fp16 with loss scaling")
+        if device.type == "cpu":
+            return choose_cpu(n_embd, rows)
+        return Precision(torch.float32, f"the default on {device.type}")
+    if name == "float16" and device.type != "cuda":
+        raise UserError("dtype float16 needs a CUDA GPU; use bfloat16 or float32")
+    if name == "bfloat16" and device.type == "cpu" and not cpu_has_native_bf16():
+        return Precision(torch.bfloat16, "asked for; this CPU has no native bf16, so it is slow")
+    return Precision(getattr(torch, name), "asked for")
