@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Point the asset cache at a local folder to work offline (tests use ../shared/data).
 export GPT2_CACHE_DIR ?= $(HOME)/.cache/gpt2
 
-.PHONY: install demo test notebook lint format bench clean
+.PHONY: install demo test test-numerics notebook lint format bench clean
 
 install:  ## a virtual environment with torch 2.13.0 (CPU) and the package, editable, with test extras
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,14 @@ demo:  ## train a small character model on TinyShakespeare on the CPU, then samp
 
 test:  ## the test suite (what CI runs)
 	$(BIN)/python -m pytest
+
+# The numerically sensitive tests again under the other kernel set than this CPU's own: AVX2 on
+# an AVX-512 CPU, plain C++ on an AVX2 one. Sums taken in another order must still agree.
+test-numerics:  ## the tests marked numerics, under the older kernel set (CI runs this too)
+	@if $(BIN)/python -c "import sys, torch; sys.exit(torch.backends.cpu.get_cpu_capability() != 'AVX512')"; \
+	then isa=avx2 mkl=AVX2; else isa=default mkl=SSE4_2; fi; \
+	echo "numerics under ATEN_CPU_CAPABILITY=$$isa MKL_ENABLE_INSTRUCTIONS=$$mkl"; \
+	ATEN_CPU_CAPABILITY=$$isa MKL_ENABLE_INSTRUCTIONS=$$mkl $(BIN)/python -m pytest -m "numerics and not slow"
 
 notebook:  ## run notebooks/gpt2_walkthrough.ipynb top to bottom (a copy, outputs stripped); CI runs it
 	$(BIN)/python scripts/run_notebook.py

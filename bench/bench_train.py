@@ -1,4 +1,4 @@
-"""Training-step speed and memory against transformers' GPT2LMHeadModel, fp32 on the CPU.
+"""Training-step speed and memory against transformers' GPT2LMHeadModel in fp32, on the CPU.
 
 Two shapes:
 - ``small``: nanoGPT's character CPU recipe (4 layers x 128, context 64, batch 12, vocabulary 65);
@@ -8,11 +8,14 @@ Ours is `gpt2.train.Trainer.train_step` itself: batch loading, forward, backward
 AdamW, exactly what `gpt2 train` runs. The reference is GPT2LMHeadModel with the same config,
 SDPA attention, the same AdamW (same groups, same fused kernel), the same clipping and the same
 batches. Steps of the two alternate in one process so that a busy machine slows both alike;
-the medians are compared. MFU is against the median of a few fp32 matrix-product probes. Peak
-RSS is measured in a fresh subprocess per model (peak RSS only grows within a process).
+the medians are compared. Ours runs in ``--dtype`` (auto: what `gpt2 train` would pick here);
+the reference always runs in fp32, the baseline a CPU user has. MFU is against the median of a
+few matrix-product probes in the dtype each side computes in. Peak RSS is measured in a fresh
+subprocess per model (peak RSS only grows within a process).
 
-Usage: python bench/bench_train.py [--shape small|124m|both] [--rounds N] [--compile] [--no-rss]
-Prints the figures, then one JSON line.
+Usage: python bench/bench_train.py [--shape small|124m|both] [--dtype auto|float32|bfloat16]
+                                   [--rounds N] [--compile] [--no-rss]
+Prints the CPU, the figures, then one JSON line.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from gpt2.assets import fetch
 from gpt2.config import GPTConfig, TrainConfig
 from gpt2.data import load_split, prepare, read_meta
 from gpt2.loader import Layout, TrainBatches, WindowSequence
-from gpt2.metrics import cpu_peak_flops, peak_memory_gb
+from gpt2.metrics import peak_memory_gb
+from gpt2.precision import cpu_flags, cpu_has_native_bf16, cpu_peak_flops
 from gpt2.train import Trainer, build_optimizer
 
 SHAPES = {
@@ -56,7 +60,7 @@ SHAPES = {
         rounds=4,
         block=1,
         warmup=2,
-        goal_speed=1.1,
+        goal_speed=2.0,
     ),
 }
 
@@ -70,7 +74,9 @@ def data_dir(tokenizer: str, root: Path) -> Path:
     return folder
 
 
-def our_config(shape: dict, root: Path, compile_ours: bool = False) -> TrainConfig:
+def our_config(
+    shape: dict, root: Path, compile_ours: bool = False, dtype: str = "float32"
+) -> TrainConfig:
     return TrainConfig(
         compile=compile_ours,
         data=str(data_dir(shape["tokenizer"], root)),
@@ -80,13 +86,16 @@ def our_config(shape: dict, root: Path, compile_ours: bool = False) -> TrainConf
         eval_iters=1,
         sample_tokens=0,
         device="cpu",
-        dtype="float32",
+        dtype=dtype,
         plot=False,
     )
 
 
-def our_trainer(shape: dict, root: Path, compile_ours: bool = False) -> Trainer:
-    return Trainer(our_config(shape, root, compile_ours), shape["overrides"], show_progress=False)
+def our_trainer(
+    shape: dict, root: Path, compile_ours: bool = False, dtype: str = "float32"
+) -> Trainer:
+    cfg = our_config(shape, root, compile_ours, dtype)
+    return Trainer(cfg, shape["overrides"], show_progress=False)
 
 
 class HFStep:
@@ -130,17 +139,19 @@ class HFStep:
         return loss.item()
 
 
-def median_peak(n: int = 5) -> float:
-    """Median of a few matrix-product probes (each the best of several products)."""
-    return statistics.median(cpu_peak_flops.__wrapped__() for _ in range(n))
+def median_peak(dtype: torch.dtype, n: int = 5) -> float:
+    """Median of a few matrix-product probes in ``dtype`` (each the best of several products)."""
+    return statistics.median(cpu_peak_flops.__wrapped__(dtype) for _ in range(n))
 
 
-def compare(name: str, root: Path, rounds: int | None, compile_ours: bool = False) -> dict:
+def compare(
+    name: str, root: Path, rounds: int | None, compile_ours: bool = False, dtype: str = "float32"
+) -> dict:
     """Rounds of ``block`` steps of each side in turn; per side the median step time over the
     rounds' block means, and the speed ratio as the median of the rounds' ratios (a round's two
     blocks run seconds apart, so a burst of load on the machine mostly cancels out)."""
     shape = SHAPES[name]
-    trainer = our_trainer(shape, root, compile_ours)
+    trainer = our_trainer(shape, root, compile_ours, dtype)
     hf = HFStep.beside(trainer)
     tokens = trainer.tokens_per_step
     flops = trainer.flops_per_token
@@ -155,28 +166,30 @@ def compare(name: str, root: Path, rounds: int | None, compile_ours: bool = Fals
             for _ in range(shape["block"]):
                 step()
             block[side].append((time.perf_counter() - start) / shape["block"])
-    peak = median_peak()
+    peaks = {"ours": median_peak(trainer.dtype), "transformers": median_peak(torch.float32)}
     out = {
         "shape": name,
         "compiled": compile_ours,
+        "dtype": trainer.precision.name,
+        "dtype_reason": trainer.precision.reason,
         "tokens_per_step": tokens,
-        "peak_gflops": peak / 1e9,
+        "peak_gflops": {side: p / 1e9 for side, p in peaks.items()},
     }
     for side, ts in block.items():
         tps = tokens / statistics.median(ts)
-        out[side] = {"tokens_per_s": tps, "mfu": tps * flops / peak}
+        out[side] = {"tokens_per_s": tps, "mfu": tps * flops / peaks[side]}
     ratios = [h / o for o, h in zip(block["ours"], block["transformers"], strict=True)]
     out["speed_ratio"] = statistics.median(ratios)
     out["goal_speed"] = shape["goal_speed"]
     return out
 
 
-def peak_rss(name: str, side: str, root: Path) -> float:
+def peak_rss(name: str, side: str, root: Path, dtype: str = "float32") -> float:
     """Peak RSS in GB of a fresh process that builds one side and runs a few steps."""
     here = str(Path(__file__).parent)
     code = (
         f"import sys; sys.path.insert(0, {here!r}); import bench_train as b; "
-        f"from pathlib import Path; b.rss_child({name!r}, {side!r}, Path({str(root)!r}))"
+        f"from pathlib import Path; b.rss_child({name!r}, {side!r}, Path({str(root)!r}), {dtype!r})"
     )
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
@@ -185,10 +198,10 @@ def peak_rss(name: str, side: str, root: Path) -> float:
     return float(done.stdout.strip().splitlines()[-1])
 
 
-def rss_child(name: str, side: str, root: Path) -> None:
+def rss_child(name: str, side: str, root: Path, dtype: str = "float32") -> None:
     shape = SHAPES[name]
     if side == "ours":
-        step = our_trainer(shape, root).train_step
+        step = our_trainer(shape, root, dtype=dtype).train_step
     else:  # the same config and batches, without ever building our model in this process
         folder = data_dir(shape["tokenizer"], root)
         meta = read_meta(folder)
@@ -203,16 +216,26 @@ def rss_child(name: str, side: str, root: Path) -> None:
     print(peak_memory_gb(torch.device("cpu")))
 
 
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (a benchmark names the machine it ran on)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
 def report(r: dict) -> None:
     how = " (ours compiled)" if r["compiled"] else ""
-    print(
-        f"== {r['shape']}{how}: {r['tokens_per_step']} tokens a step, "
-        f"matmul peak {r['peak_gflops']:.0f} GFLOP/s"
-    )
+    print(f"== {r['shape']}{how}: {r['tokens_per_step']} tokens a step")
+    print(f"  ours in {r['dtype']} ({r['dtype_reason']}); transformers in float32")
     for side in ("ours", "transformers"):
         s = r[side]
         rss = f", peak RSS {s['peak_rss_gb']:.2f} GB" if "peak_rss_gb" in s else ""
-        print(f"  {side:13s} {s['tokens_per_s']:9.0f} tokens/s  MFU {s['mfu']:.1%}{rss}")
+        peak = f"of {r['peak_gflops'][side]:.0f} GFLOP/s"
+        print(f"  {side:13s} {s['tokens_per_s']:9.0f} tokens/s  MFU {s['mfu']:.1%} {peak}{rss}")
     rss = f", RSS ratio {r['rss_ratio']:.2f}x (goal <= 0.8x)" if "rss_ratio" in r else ""
     print(f"  speed ratio {r['speed_ratio']:.2f}x (goal >= {r['goal_speed']}x){rss}")
 
@@ -220,26 +243,34 @@ def report(r: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=[*SHAPES, "both"], default="both")
+    parser.add_argument(
+        "--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="ours only"
+    )
     parser.add_argument("--rounds", type=int, default=None, help="measured rounds per side")
     parser.add_argument("--compile", action="store_true", help="also time ours compiled")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak RSS subprocesses")
     args = parser.parse_args()
     names = list(SHAPES) if args.shape == "both" else [args.shape]
+    print(f"CPU: {cpu_name()}; bf16 flags: {sorted(cpu_flags() & {'avx512_bf16', 'amx_bf16'})}")
+    if args.dtype == "bfloat16" and not cpu_has_native_bf16():
+        print("bf16 skipped: this CPU has no native bf16")
+        print(json.dumps({"bench": "train", "skipped": "this CPU has no native bf16"}))
+        return
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for name in names:
-            r = compare(name, root, args.rounds)
+            r = compare(name, root, args.rounds, dtype=args.dtype)
             if not args.no_rss:
                 for side in ("ours", "transformers"):
-                    r[side]["peak_rss_gb"] = peak_rss(name, side, root)
+                    r[side]["peak_rss_gb"] = peak_rss(name, side, root, args.dtype)
                 r["rss_ratio"] = r["ours"]["peak_rss_gb"] / r["transformers"]["peak_rss_gb"]
             results.append(r)
             report(r)
             if args.compile:
-                results.append(compare(name, root, args.rounds, compile_ours=True))
+                results.append(compare(name, root, args.rounds, True, args.dtype))
                 report(results[-1])
-    print(json.dumps({"bench": "train", "results": results}))
+    print(json.dumps({"bench": "train", "cpu": cpu_name(), "results": results}))
 
 
 if __name__ == "__main__":
