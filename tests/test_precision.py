@@ -49,7 +49,7 @@ def test_auto_keeps_float32_when_bf16_is_not_faster_at_the_models_shape(monkeypa
     monkeypatch.setattr(precision, "cpu_peak_flops", lambda dtype=torch.float32: 1e9)
     choice = resolve_dtype("auto", CPU, n_embd=32, rows=64)
     assert choice.dtype == torch.float32
-    assert "only 1.10x faster" in choice.reason
+    assert "runs only 1.10x as fast as a float32 one" in choice.reason
 
 
 def test_explicit_dtypes_win_and_bad_ones_are_refused(monkeypatch):

@@ -94,13 +94,15 @@ def choose_cpu(n_embd: int, rows: int) -> Precision:
     if gain < MIN_BF16_GAIN:
         return Precision(
             torch.float32,
-            f"this CPU multiplies bf16 natively ({peaks}), but at this model's width it is only "
-            f"{gain:.2f}x faster",
+            f"this CPU multiplies bf16 natively ({peaks}), but at this model's width a bf16 "
+            f"product runs only {gain:.2f}x as fast as a float32 one",
         )
     return Precision(torch.bfloat16, f"this CPU multiplies bf16 natively: {peaks}")
 
 
-def resolve_dtype(name: str, device: torch.device, n_embd: int = 768, rows: int = 1024) -> Precision:
+def resolve_dtype(
+    name: str, device: torch.device, n_embd: int = 768, rows: int = 1024
+) -> Precision:
     """The precision for ``--dtype name`` on ``device`` (see the module's docstring)."""
     if name not in DTYPES:
         raise UserError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
