@@ -136,9 +136,7 @@ def test_auto_picks_bfloat16_on_a_native_cpu_says_why_and_records_it(
     char_data, tmp_path, monkeypatch, caplog
 ):
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
-    monkeypatch.setattr(
-        precision, "matmul_flops", lambda dtype, *a, **k: 4e11 if dtype == torch.bfloat16 else 2e11
-    )
+    monkeypatch.setattr(precision, "BF16_MIN_WIDTH", 32)  # TINY is 32 wide
     monkeypatch.setattr(precision, "cpu_peak_flops", lambda dtype=torch.float32: 1e11)
     with caplog.at_level("INFO", logger="gpt2.train"):
         Trainer(

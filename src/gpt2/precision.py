@@ -2,9 +2,11 @@
 
 - CUDA: bfloat16 where the GPU has it (Ampere and later), else float16 with the gradient scaler.
 - CPU: bfloat16 autocast where the CPU multiplies bfloat16 in hardware (``avx512_bf16`` or
-  ``amx_bf16`` among its flags) and a short probe at the model's own product shape finds it
-  faster than float32; float32 elsewhere. Without those instructions bfloat16 is emulated, about
-  two orders of magnitude slower than float32, so the flags are checked before anything is timed.
+  ``amx_bf16`` among its flags) and the model is wide enough to gain from it; float32 elsewhere.
+  Without those instructions bfloat16 is emulated, about two orders of magnitude slower. Below
+  ``BF16_MIN_WIDTH`` the products are too small for bf16 to pay for autocast's casts (the
+  figures per width are in bench/NOTES.md, measured by bench/bench_train.py). A size rule rather
+  than a timed decision: a probe on a busy machine flipped the choice from run to run.
 - Anything else (Apple's MPS): float32.
 
 An explicit ``float32``, ``bfloat16`` or ``float16`` is taken as asked (float16 needs CUDA).
@@ -23,9 +25,7 @@ from gpt2.errors import UserError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-# bfloat16 must beat float32 by this much at the model's shape to be picked: autocast also
-# pays for casts and for the float32 work around the products, which the probe does not see.
-MIN_BF16_GAIN = 1.3
+BF16_MIN_WIDTH = 512  # n_embd from which bf16 autocast trains faster than float32 on the CPU
 
 
 @dataclass(frozen=True)
@@ -81,28 +81,23 @@ def cpu_peak_flops(dtype: torch.dtype = torch.float32, size: int = 1024) -> floa
     return matmul_flops(dtype, size, size, size, repeats=8)
 
 
-def choose_cpu(n_embd: int, rows: int) -> Precision:
-    """bfloat16 or float32 for a model of width ``n_embd`` fed ``rows`` tokens a micro-batch."""
+def choose_cpu(n_embd: int) -> Precision:
+    """bfloat16 or float32 on this CPU for a model of width ``n_embd``."""
     if not cpu_has_native_bf16():
         return Precision(torch.float32, "this CPU has no native bf16 (no AVX512-BF16 or AMX)")
     fp32 = cpu_peak_flops(torch.float32) / 1e9
     bf16 = cpu_peak_flops(torch.bfloat16) / 1e9
     peaks = f"{bf16:.0f} vs {fp32:.0f} GFLOP/s"
-    # The MLP's first product, the largest of a block, at this model's shape.
-    shape = (min(rows, 4096), n_embd, 4 * n_embd)
-    gain = matmul_flops(torch.bfloat16, *shape) / matmul_flops(torch.float32, *shape)
-    if gain < MIN_BF16_GAIN:
+    if n_embd < BF16_MIN_WIDTH:
         return Precision(
             torch.float32,
-            f"this CPU multiplies bf16 natively ({peaks}), but at this model's width a bf16 "
-            f"product runs only {gain:.2f}x as fast as a float32 one",
+            f"this CPU multiplies bf16 natively ({peaks}), but a model of width {n_embd} "
+            f"(under {BF16_MIN_WIDTH}) trains no faster in it",
         )
     return Precision(torch.bfloat16, f"this CPU multiplies bf16 natively: {peaks}")
 
 
-def resolve_dtype(
-    name: str, device: torch.device, n_embd: int = 768, rows: int = 1024
-) -> Precision:
+def resolve_dtype(name: str, device: torch.device, n_embd: int = 768) -> Precision:
     """The precision for ``--dtype name`` on ``device`` (see the module's docstring)."""
     if name not in DTYPES:
         raise UserError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
@@ -112,7 +107,7 @@ def resolve_dtype(
                 return Precision(torch.bfloat16, "this GPU supports bf16")
             return Precision(torch.float16, "this GPU has no bf16: fp16 with loss scaling")
         if device.type == "cpu":
-            return choose_cpu(n_embd, rows)
+            return choose_cpu(n_embd)
         return Precision(torch.float32, f"the default on {device.type}")
     if name == "float16" and device.type != "cuda":
         raise UserError("dtype float16 needs a CUDA GPU; use bfloat16 or float32")

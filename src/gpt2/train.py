@@ -233,9 +233,7 @@ class Trainer:
         model = self._build_model(meta, model_overrides or {}, resume_from)
         self.model = model.to(self.device)
         block = self.model.config.block_size
-        self.precision = resolve_dtype(
-            cfg.dtype, self.device, self.model.config.n_embd, cfg.batch_size * block
-        )
+        self.precision = resolve_dtype(cfg.dtype, self.device, self.model.config.n_embd)
         self.dtype = self.precision.dtype
         if self.is_main:
             log.info("dtype: %s (%s)", self.precision.name, self.precision.reason)
