@@ -41,3 +41,14 @@ def _seeded():
 @pytest.fixture(scope="session")
 def shakespeare(asset_cache: Path) -> Path:
     return asset_cache / "tinyshakespeare" / "input.txt"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` need a GPU: without one they are skipped (``GPT2_CUDA_TESTS_ON=cpu``
+    runs them on the CPU instead, to check the tests themselves)."""
+    if torch.cuda.is_available() or os.environ.get("GPT2_CUDA_TESTS_ON") == "cpu":
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (bench/gpu_check.py runs these)")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
