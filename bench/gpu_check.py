@@ -60,7 +60,7 @@ EXPERIMENTS = {"decode_compiled"}  # figures only: a crash or a time-out there f
 # Seconds per part: on one H100/H200 (the whole run must stay under 8 minutes), and in the dry run.
 BUDGET_S = {
     "gpu": {"correctness": 190, "train": 170, "decode": 60, "decode_compiled": 50},
-    "quick": {"correctness": 30, "train": 40, "decode": 25, "decode_compiled": 20},
+    "quick": {"correctness": 35, "train": 45, "decode": 25, "decode_compiled": 13},
 }
 TOTAL_S = {"gpu": 480, "quick": 118}
 FINEWEB_CONFIG = "gpt2_124m_fineweb_edu"
@@ -175,7 +175,7 @@ def environment(device: str) -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
-        "device": platform.processor() or platform.machine() or "cpu",
+        "device": f"cpu {platform.machine()}",
     }
     try:
         import transformers
@@ -228,6 +228,10 @@ def part_correctness(rec: Record, ctx: Context) -> None:
     command += ["-p", "pytest_results", "-p", "no:cacheprovider", "-q", "-rfEs"]
     with rec.step("cuda/pytest_finished"):
         proc = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True)
+        # Its own process group (with every training, torchrun and server process it starts):
+        # the parent ends the group too, should this process be stopped at its time limit.
+        rec.data["process_groups"] = [proc.pid]
+        rec.save()
         try:
             code = proc.wait(timeout=max(10.0, ctx.left() - 5))
         except subprocess.TimeoutExpired:
@@ -826,8 +830,12 @@ def run_child(
         status = "ok" if code == 0 else f"crashed (exit code {code})"
     except subprocess.TimeoutExpired:
         status = "timed out"
-    with contextlib.suppress(ProcessLookupError):  # anything it left: torchrun, a server
-        os.killpg(proc.pid, signal.SIGKILL)
+    groups = [proc.pid]  # anything it left: pytest, a training, torchrun, a server
+    if record.is_file():
+        groups += json.loads(record.read_text()).get("process_groups", [])
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGKILL)
     proc.wait()
     return status, time.time() - start
 

@@ -7,8 +7,9 @@
 #   bash bench/gpu_setup.sh install   THERE: install them and the project, editable, without
 #                                     dependencies: the machine's own torch, transformers,
 #                                     tiktoken, numpy, safetensors, pytest are used
-#   bash bench/gpu_setup.sh run       THERE: install, then bench/gpu_check.py (at most 8 min),
-#                                     its JSON and log copied to $OUT
+#   bash bench/gpu_setup.sh run [ARGS] THERE: install, then bench/gpu_check.py ARGS (at most
+#                                     8 min; e.g. --parts train for a rerun of one part), its
+#                                     JSON and log copied to $OUT
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,8 +41,10 @@ fetch() {
 
 install() {
   "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile "$GPU_DIR"/whl/*.whl
-  if ! "$PYTHON" -m pip install --quiet --no-index --no-deps --no-build-isolation -e .; then
+  if ! "$PYTHON" -m pip install --quiet --no-index --no-deps --no-build-isolation -e . \
+    >/dev/null 2>&1; then
     # An older setuptools there: put src/ on the path instead (no `gpt2` script; python -m gpt2).
+    echo "gpu_setup: no editable install (setuptools too old?): src/ goes on the path instead"
     local site
     site=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
     echo "$PWD/src" >"$site/gpt2-src.pth"
@@ -56,14 +59,17 @@ run() {
   export GPT2_SHARED_DATA=$PWD/$GPU_DIR/data GPT2_CACHE_DIR=$PWD/$GPU_DIR/data PYTHONUNBUFFERED=1
   local out=${OUT:-bench/results}
   set +e
-  "$PYTHON" bench/gpu_check.py --out-dir "$out" 2>&1 | tee "$out/gpu_check.log"
+  mkdir -p "$out"
+  "$PYTHON" bench/gpu_check.py --out-dir "$out" "$@" 2>&1 | tee "$out/gpu_check.log"
   local code=${PIPESTATUS[0]}
   set -e
   return "$code"
 }
 
-case "${1:-}" in
-  fetch | install | run) "$1" ;;
+command=${1:-}
+shift || true
+case "$command" in
+  fetch | install | run) "$command" "$@" ;;
   *)
     echo "usage: bash bench/gpu_setup.sh fetch|install|run" >&2
     exit 2
