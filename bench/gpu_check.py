@@ -365,7 +365,7 @@ def fit_batch(
     tried = []
     warmup = TRAIN[ctx.mode]["warmup"]
     for batch in batches:
-        obj = None
+        obj = step = None
         start = time.perf_counter()
         try:
             obj = build(batch)
@@ -381,8 +381,9 @@ def fit_batch(
                 raise
             tried.append({"batch": batch, "fits": False})
             print(f"    batch {batch}: out of memory", flush=True)
-            del obj
-            ctx.free()
+        # Out of the handler: its traceback (and the frames holding activations) is gone now.
+        obj = step = None
+        ctx.free()
     raise RuntimeError(f"no micro-batch of {batches} fits")
 
 

@@ -63,3 +63,62 @@ def test_a_part_that_breaks_fails_its_check_and_the_run_goes_on(tmp_path: Path, 
     assert result["checks"][f"{part}/finished"] is False
     assert result["parts"]["correctness"]["status"] == "ok"  # the next part still ran
     assert result["checks"]["cuda/pytest_finished"] is True
+
+
+def load_script():
+    """bench/gpu_check.py as a module, for its helpers (it is a script, not a package module)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_batch_search_steps_down_after_out_of_memory_and_re_raises_other_errors(tmp_path):
+    from types import SimpleNamespace
+
+    gpu_check = load_script()
+    args = SimpleNamespace(device="cpu", quick=True, deadline=0)
+    ctx = gpu_check.Context(args, tmp_path)
+    built = []
+
+    def build(batch: int):
+        built.append(batch)
+        if batch > 2:  # what torch.cuda.OutOfMemoryError says
+            raise RuntimeError(f"CUDA out of memory. Tried to allocate {batch} GiB")
+        return batch
+
+    obj, batch, tried = gpu_check.fit_batch(ctx, build, lambda b: lambda: b, (8, 4, 2, 1))
+    assert (obj, batch, built) == (2, 2, [8, 4, 2])
+    assert [t["fits"] for t in tried] == [False, False, True]
+
+    def broken(batch: int):
+        raise ValueError("a bug, not memory")
+
+    with pytest.raises(ValueError, match="a bug"):
+        gpu_check.fit_batch(ctx, broken, lambda b: lambda: b, (8, 4))
+
+
+def test_test_outcomes_count_a_test_that_never_finished_as_false(tmp_path):
+    gpu_check = load_script()
+    lines = [
+        {"test": "test_a", "when": "setup", "outcome": "passed", "properties": {}},
+        {"test": "test_a", "when": "call", "outcome": "passed", "properties": {"k": "v"}},
+        {"test": "test_a", "when": "teardown", "outcome": "passed", "properties": {"k": "v"}},
+        {"test": "test_b", "when": "setup", "outcome": "skipped", "properties": {}},
+        {"test": "test_b", "when": "teardown", "outcome": "passed", "properties": {}},
+        {"test": "test_c", "when": "setup", "outcome": "passed", "properties": {}},
+        {"test": "test_c", "when": "call", "outcome": "failed", "properties": {}, "error": "E"},
+        {"test": "test_d", "when": "setup", "outcome": "passed", "properties": {}},  # killed
+    ]
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    outcomes = gpu_check.test_outcomes(path)
+    assert {k: v[0] for k, v in outcomes.items()} == {
+        "test_a": True,
+        "test_b": "skipped",
+        "test_c": False,
+        "test_d": False,
+    }
+    assert outcomes["test_a"][1] == {"k": "v"} and outcomes["test_c"][2] == "E"
