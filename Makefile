@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Point the asset cache at a local folder to work offline (tests use ../shared/data).
 export GPT2_CACHE_DIR ?= $(HOME)/.cache/gpt2
 
-.PHONY: install demo test test-numerics notebook lint format bench clean
+.PHONY: install demo test test-numerics notebook lint format bench clean gpu-check gpu-check-dry-run
 
 install:  ## a virtual environment with torch 2.13.0 (CPU) and the package, editable, with test extras
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ test-numerics:  ## the tests marked numerics, under the older kernel set (CI run
 
 notebook:  ## run notebooks/gpt2_walkthrough.ipynb top to bottom (a copy, outputs stripped); CI runs it
 	$(BIN)/python scripts/run_notebook.py
+
+gpu-check:  ## on a CUDA GPU: correctness, training MFU, decoding vs transformers (<= 8 min; bench/NOTES.md)
+	$(BIN)/python bench/gpu_check.py $(GPU_CHECK_ARGS)
+
+gpu-check-dry-run:  ## the same steps on tiny shapes on the CPU (about a minute)
+	$(BIN)/python bench/gpu_check.py --device cpu --quick --results-dir out/gpu-check
 
 lint:
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

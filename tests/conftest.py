@@ -57,7 +57,16 @@ NUMERICS = {
 }
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Marks the kernel-sensitive tests ``numerics``. Tests marked ``cuda`` need a GPU: without
+    one they are skipped (``GPT2_CUDA_TESTS_ON=cpu`` runs them on the CPU instead, to check the
+    tests themselves)."""
     for item in items:
         if item.path.name in NUMERICS:
             item.add_marker(pytest.mark.numerics)
+    if torch.cuda.is_available() or os.environ.get("GPT2_CUDA_TESTS_ON") == "cpu":
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (bench/gpu_check.py runs these)")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)

@@ -10,6 +10,7 @@ GPUs and gloo between CPU processes. Run without torchrun, everything here is a 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from torch import nn
 
 from gpt2.errors import UserError
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -29,6 +32,7 @@ class DistEnv:
     rank: int = 0
     local_rank: int = 0  # rank on this machine: the GPU it uses
     world_size: int = 1
+    launched: bool = False  # started by torchrun (a process group, even of one process)
 
     @property
     def is_main(self) -> bool:
@@ -37,7 +41,9 @@ class DistEnv:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """Whether to join a process group and wrap the model: under torchrun, even with
+        ``--nproc_per_node=1`` (so that one GPU runs the DDP/FSDP code it will run on eight)."""
+        return self.launched or self.world_size > 1
 
 
 def env_from_torchrun() -> DistEnv:
@@ -49,6 +55,7 @@ def env_from_torchrun() -> DistEnv:
             rank=int(os.environ["RANK"]),
             local_rank=int(os.environ.get("LOCAL_RANK", os.environ["RANK"])),
             world_size=int(os.environ["WORLD_SIZE"]),
+            launched=True,
         )
     except ValueError:
         raise UserError("RANK, LOCAL_RANK and WORLD_SIZE must be integers") from None
@@ -87,11 +94,19 @@ def wrap_model(model: nn.Module, env: DistEnv, device: torch.device, fsdp: bool)
         for block in model.transformer.h:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
+        _log_wrapping("FSDP2", env)
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+    wrapped = DistributedDataParallel(model, device_ids=device_ids)
+    _log_wrapping("DDP", env)
+    return wrapped
+
+
+def _log_wrapping(kind: str, env: DistEnv) -> None:
+    if env.is_main:
+        log.info("%s over %d process(es)", kind, env.world_size)
 
 
 @contextlib.contextmanager

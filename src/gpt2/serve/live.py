@@ -27,6 +27,9 @@ def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        # Listening from now on: a client that connects before uvicorn has started waits in the
+        # backlog instead of being refused (`gpt2 serve` logs its URL before the app starts).
+        sock.listen(2048)
     except OSError:
         sock.close()
         raise
