@@ -32,9 +32,10 @@ import torch.nn.functional as F
 
 from gpt2.assets import fetch
 from gpt2.config import GPTConfig, TrainConfig
-from gpt2.data import load_split, prepare, read_meta
 from gpt2.loader import Layout, TrainBatches, WindowSequence
 from gpt2.metrics import cpu_peak_flops, peak_memory_gb
+from gpt2.prepare import prepare_text
+from gpt2.shards import load_split, read_meta
 from gpt2.train import Trainer, build_optimizer
 
 SHAPES = {
@@ -64,7 +65,7 @@ SHAPES = {
 def data_dir(tokenizer: str, root: Path) -> Path:
     folder = root / f"shakespeare-{tokenizer}"
     if not (folder / "meta.json").is_file():
-        prepare(
+        prepare_text(
             fetch("tinyshakespeare/input.txt"), folder, tokenizer=tokenizer, show_progress=False
         )
     return folder
@@ -196,7 +197,7 @@ def rss_child(name: str, side: str, root: Path) -> None:
             shape["model"], **{**shape["overrides"], "vocab_size": meta["vocab_size"]}
         )
         cfg = our_config(shape, root)
-        sequence = WindowSequence([load_split(folder, "train")], config.block_size, cfg.seed)
+        sequence = WindowSequence(load_split(folder, "train"), config.block_size, cfg.seed)
         step = HFStep(config, cfg, TrainBatches(sequence, Layout(cfg.batch_size)))
     for _ in range(3):
         step()

@@ -15,9 +15,9 @@ from gpt2 import cli
 from gpt2.checkpoint import load_checkpoint, step_checkpoints
 from gpt2.commands.train import config_path, packaged_configs, resolve_configs
 from gpt2.config import TrainConfig, load_toml, padded_vocab_size
-from gpt2.data import prepare
 from gpt2.errors import UserError
 from gpt2.model import linear_cross_entropy
+from gpt2.prepare import prepare_text
 from gpt2.train import Trainer, accumulation_steps
 
 TINY = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "dropout": 0.0}
@@ -29,7 +29,7 @@ def char_data(shakespeare: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     source = tmp_path_factory.mktemp("text") / "input.txt"
     source.write_text(text, encoding="utf-8")
     out = tmp_path_factory.mktemp("char-data")
-    prepare(source, out, tokenizer="char", show_progress=False)
+    prepare_text(source, out, tokenizer="char", show_progress=False)
     return out
 
 

@@ -41,9 +41,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from gpt2.assets import ASSETS, fetch, sha256_file
-from gpt2.data import META_FILE, read_text, token_dtype
+from gpt2.corpus import read_text
 from gpt2.errors import UserError
 from gpt2.model import GPT
+from gpt2.shards import open_shard
 from gpt2.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 
 TASKS = ("perplexity", "hellaswag", "lambada")
@@ -362,41 +363,16 @@ def read_eval_text(path: Path) -> str:
         raise UserError(f"{path}: the text inside is not UTF-8 (byte {e.start})") from None
 
 
-def _is_llmc_shard(path: Path) -> bool:
-    from gpt2.shards import MAGIC  # the shard writer, imported only for token files
-
-    with path.open("rb") as f:
-        head = f.read(4)
-    return len(head) == 4 and int(np.frombuffer(head, dtype="<i4")[0]) == MAGIC
-
-
 def read_token_file(path: Path, tokenizer: Tokenizer) -> np.ndarray:
-    """A ``.bin`` token file: an llm.c-format shard (a 256-int header, then the tokens), or the
-    headerless ids of ``gpt2 prepare``, whose dtype comes from the ``meta.json`` beside it (else
-    the smallest that holds the tokenizer's ids). A ``tokenizer.json`` beside it must be the
-    model's."""
+    """A ``.bin`` token shard (`gpt2.shards`, llm.c's format). A ``tokenizer.json`` beside it
+    must be the model's."""
     folder = path.parent
     beside = load_tokenizer(folder) if (folder / TOKENIZER_FILE).is_file() else None
     if beside is not None and beside.to_dict() != tokenizer.to_dict():
         raise UserError(
             f"{path} was tokenized by {folder / TOKENIZER_FILE}, not the model's tokenizer"
         )
-    if _is_llmc_shard(path):
-        from gpt2.shards import open_shard
-
-        tokens = np.asarray(open_shard(path), dtype=np.int64)
-    else:
-        dtype = token_dtype(tokenizer.vocab_size)
-        if (folder / META_FILE).is_file():
-            try:
-                meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
-                dtype = np.dtype(meta["dtype"])
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise UserError(f"{folder / META_FILE} is not a valid meta file: {e}") from None
-        size = path.stat().st_size
-        if size == 0 or size % dtype.itemsize:
-            raise UserError(f"{path} is empty or not a whole number of {dtype.name} tokens")
-        tokens = np.fromfile(path, dtype=dtype).astype(np.int64)
+    tokens = np.asarray(open_shard(path), dtype=np.int64)
     if len(tokens) and tokens.max() >= tokenizer.vocab_size:
         raise UserError(
             f"{path} holds id {tokens.max()}, outside the vocabulary of {tokenizer.vocab_size}"

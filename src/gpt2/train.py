@@ -35,17 +35,18 @@ import torch
 from tqdm.auto import tqdm
 
 from gpt2 import distributed
-from gpt2.assets import fetch
 from gpt2.checkpoint import (
     CHECKPOINT_SUBDIR,
     Checkpoint,
     RunCheckpoints,
+    capture_rng,
     load_resumable,
     resolve_checkpoint_dir,
+    restore_rng,
     save_checkpoint,
 )
 from gpt2.config import GPTConfig, TrainConfig, padded_vocab_size
-from gpt2.data import load_split_shards, prepare, read_meta
+from gpt2.device import resolve_device, resolve_dtype
 from gpt2.errors import UserError
 from gpt2.evaluate import Task, load_task
 from gpt2.generate import generate
@@ -58,46 +59,14 @@ from gpt2.metrics import (
     precision_name,
 )
 from gpt2.model import GPT
+from gpt2.shards import load_split, read_meta
 from gpt2.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DATA_DIR = Path("data/shakespeare-char")
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"
 MAX_SKIPS_IN_A_ROW = 10  # --on-nan skip gives up after this many bad steps in a row
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA, then Apple's MPS, then the CPU; anything else is checked to exist."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("device cuda was asked for, but torch sees no CUDA GPU")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError("device mps was asked for, but it is not available")
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The autocast precision. ``auto`` is bfloat16 only on CUDA GPUs with native support: a
-    CPU without it emulates bfloat16 about 100x slower than float32."""
-    if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    if name == "float16" and device.type != "cuda":
-        raise UserError("dtype float16 needs a CUDA GPU; use bfloat16 or float32")
-    if name == "bfloat16" and device.type == "cpu":
-        log.warning(
-            "bfloat16 on the CPU: fast only on CPUs with native bfloat16 (AVX512-BF16, AMX)"
-        )
-    return getattr(torch, name)
 
 
 def learning_rate_at(step: int, cfg: TrainConfig) -> float:
@@ -126,41 +95,6 @@ def accumulation_steps(total_batch_tokens: int, micro_tokens: int, world_size: i
             f"batch_size"
         )
     return total_batch_tokens // per_pass
-
-
-def default_data_dir() -> Path:
-    """TinyShakespeare as characters, prepared on first use: the built-in demo's data."""
-    if not (DEFAULT_DATA_DIR / "meta.json").is_file():
-        source = fetch("tinyshakespeare/input.txt")
-        log.info("preparing %s as characters in %s", source, DEFAULT_DATA_DIR)
-        prepare(source, DEFAULT_DATA_DIR, tokenizer="char")
-    return DEFAULT_DATA_DIR
-
-
-def split_arrays(data_dir: Path, split: str) -> list[np.ndarray]:
-    """The token arrays of a split: one per shard (a single-file split gives one)."""
-    return load_split_shards(data_dir, split)
-
-
-def capture_rng() -> dict[str, Any]:
-    """Every random generator this process draws from, as plain values and tensors."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class StopRequest:
@@ -232,7 +166,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
             torch.backends.cudnn.allow_tf32 = cfg.tf32
-        self.data_dir = Path(cfg.data) if cfg.data else default_data_dir()
+        self.data_dir = Path(cfg.data)
         meta = read_meta(self.data_dir)
         self.tokenizer = load_tokenizer(self.data_dir)
         # The benchmark of --eval-task, read once now: a bad file stops the run before step 1.
@@ -263,8 +197,8 @@ class Trainer:
         )
         layout = Layout(cfg.batch_size, self.accum_steps, self.env.rank, self.env.world_size)
         self.tokens_per_step = layout.windows_per_step * block
-        train_arrays = split_arrays(self.data_dir, "train")
-        val_arrays = split_arrays(self.data_dir, "val")
+        train_arrays = load_split(self.data_dir, "train")
+        val_arrays = load_split(self.data_dir, "val")
         self.batches = TrainBatches(
             WindowSequence(train_arrays, block, cfg.seed, "the train split"), layout
         )

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ from gpt2.evaluate import (
     format_table,
     run_eval,
 )
+from gpt2.files import write_json
 from gpt2.model import GPT
 from gpt2.tokenizer import Tokenizer
 
@@ -71,14 +70,6 @@ def load_model(source: str, device: torch.device) -> tuple[GPT, Tokenizer]:
         ckpt = load_checkpoint(source, device)
         return ckpt.model, ckpt.tokenizer
     return load_pretrained(source, device)
-
-
-def write_json(path: Path, record: dict) -> None:
-    """Write atomically: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def run(args: argparse.Namespace) -> int:
