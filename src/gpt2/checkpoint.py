@@ -286,3 +286,42 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     model.to(device)
     tokenizer = load_tokenizer(folder)
     return Checkpoint(model, tokenizer, train_config, config.get("state", {}), folder)
+
+
+def own_checkpoint_dir(source: str | Path) -> Path | None:
+    """The folder of one of our checkpoints at ``source`` (or a run folder's newest), else None.
+
+    Ours and Hugging Face's both call their config ``config.json``; ours has ``format`` and
+    ``model`` keys, theirs a ``model_type``.
+    """
+    if not Path(source).is_dir():
+        return None
+    try:
+        folder = resolve_checkpoint_dir(source)
+    except UserError:  # no config.json anywhere: not ours
+        return None
+    try:
+        data = read_json(folder / CONFIG_FILE)
+    except UserError:  # unreadable: load_checkpoint says so, naming the checkpoint
+        return folder
+    return folder if "format" in data and "model" in data else None
+
+
+def load_model(source: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
+    """The model and its tokenizer from any ``source`` a command takes: one of our checkpoint
+    (or run) folders, a Hugging Face GPT-2 folder, or a Hub name (``gpt2``, ``gpt2-medium``,
+    ``org/name``; see `gpt2.hf`). Every command and ``--init-from`` load through here."""
+    path = Path(source).expanduser()
+    own = own_checkpoint_dir(path)
+    if own is None and path.is_dir() and not (path / CONFIG_FILE).is_file():
+        own = path  # neither kind: load_checkpoint says what is missing
+    if own is not None:
+        ckpt = load_checkpoint(own, device)
+        return ckpt.model, ckpt.tokenizer
+    if not path.exists() and (
+        str(source).startswith((".", "/", "~")) or str(source).count("/") > 1
+    ):
+        raise UserError(f"checkpoint folder not found: {path}")
+    from gpt2.hf import load_hf  # imported only for Hugging Face models: it is large
+
+    return load_hf(path if path.exists() else str(source), device)

@@ -122,17 +122,10 @@ HF_DEFAULTS: dict[str, Any] = {
 # --- the public interface -------------------------------------------------------------------
 
 
-def load_pretrained(
-    source: str | Path, device: str | torch.device = "cpu"
-) -> tuple[GPT, Tokenizer]:
-    """The model and tokenizer from ``source``: a Hugging Face GPT-2 folder, a Hub name (``gpt2``,
-    ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``, ``org/name``), or one of our own checkpoints."""
-    from gpt2.checkpoint import load_checkpoint
-
-    own = own_checkpoint_dir(source)
-    if own is not None:
-        ckpt = load_checkpoint(own, device)
-        return ckpt.model, ckpt.tokenizer
+def load_hf(source: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
+    """The model and tokenizer of a Hugging Face GPT-2 folder or a Hub name (``gpt2``,
+    ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``, ``org/name``). `gpt2.checkpoint.load_model`
+    takes these and our own checkpoints."""
     folder = resolve_source(source)
     model = _load_hf_model(folder)
     tokenizer = load_hf_tokenizer(folder, model.config.vocab_size)
@@ -141,7 +134,7 @@ def load_pretrained(
 
 def from_pretrained(source: str | Path, device: str | torch.device = "cpu") -> GPT:
     """The model alone (`GPT.from_pretrained`): a folder without tokenizer files is fine here."""
-    from gpt2.checkpoint import load_checkpoint
+    from gpt2.checkpoint import load_checkpoint, own_checkpoint_dir
 
     own = own_checkpoint_dir(source)
     if own is not None:
@@ -164,6 +157,8 @@ def save_pretrained(model: GPT, folder: str | Path, tokenizer: Tokenizer | None 
     then loads every weight, with none missing or unexpected. Without a tokenizer only the model
     files are written, as ``transformers``' own ``save_pretrained`` does.
     """
+    from gpt2.checkpoint import own_checkpoint_dir
+
     folder = Path(folder)
     if own_checkpoint_dir(folder) is not None:  # its config.json would be overwritten or shadowed
         raise UserError(f"{folder} holds a gpt2 checkpoint; export to another folder")
@@ -209,24 +204,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, force: bool = Fal
 
 
 # --- where the files are --------------------------------------------------------------------
-
-
-def own_checkpoint_dir(source: str | Path) -> Path | None:
-    """The folder of one of our checkpoints at ``source`` (or a run folder's newest), else None.
-
-    Ours and Hugging Face's both call their config ``config.json``; ours has ``format`` and
-    ``model`` keys, theirs a ``model_type``.
-    """
-    from gpt2.checkpoint import resolve_checkpoint_dir
-
-    if not Path(source).is_dir():
-        return None
-    try:
-        folder = resolve_checkpoint_dir(source)
-    except UserError:  # no config.json anywhere: not ours
-        return None
-    data = _read_json(folder / CONFIG_FILE)
-    return folder if isinstance(data, dict) and "format" in data and "model" in data else None
 
 
 def resolve_source(source: str | Path) -> Path:

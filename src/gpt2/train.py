@@ -40,6 +40,7 @@ from gpt2.checkpoint import (
     Checkpoint,
     RunCheckpoints,
     capture_rng,
+    load_model,
     load_resumable,
     resolve_checkpoint_dir,
     restore_rng,
@@ -290,11 +291,7 @@ class Trainer:
 
     def _pretrained_model(self, overrides: dict[str, Any]) -> GPT:
         source = self.cfg.init_from
-        # One of our checkpoints, a Hugging Face folder or a Hub name: gpt2.hf tells them apart
-        # (both kinds of folder hold a config.json and may hold a tokenizer.json).
-        from gpt2.hf import load_pretrained
-
-        model, tokenizer = load_pretrained(source)
+        model, tokenizer = load_model(source)  # ours, a Hugging Face folder or a Hub name
         if tokenizer.to_dict() != self.tokenizer.to_dict():
             raise UserError(
                 f"{source} uses a {tokenizer.kind} tokenizer but the data was prepared with "

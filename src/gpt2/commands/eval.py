@@ -6,9 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
-import torch
-
-from gpt2.checkpoint import load_checkpoint
+from gpt2.checkpoint import load_model
+from gpt2.device import resolve_device
 from gpt2.errors import UserError
 from gpt2.evaluate import (
     DEFAULT_BATCH_SIZE,
@@ -19,8 +18,6 @@ from gpt2.evaluate import (
     run_eval,
 )
 from gpt2.files import write_json
-from gpt2.model import GPT
-from gpt2.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -62,19 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def load_model(source: str, device: torch.device) -> tuple[GPT, Tokenizer]:
-    """Our checkpoint folder, or a Hugging Face GPT-2 name or folder (through `gpt2.hf`)."""
-    try:
-        from gpt2.hf import load_pretrained  # imported only when a model is loaded: it is large
-    except ImportError:  # an install without Hugging Face interop reads our checkpoints only
-        ckpt = load_checkpoint(source, device)
-        return ckpt.model, ckpt.tokenizer
-    return load_pretrained(source, device)
-
-
 def run(args: argparse.Namespace) -> int:
-    from gpt2.train import resolve_device
-
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     if args.limit is not None and args.limit < 1:
