@@ -40,7 +40,7 @@ import numpy as np
 import regex
 
 from gpt2.errors import UserError
-from gpt2.files import write_text
+from gpt2.files import read_json, write_text
 from gpt2.tokenizer import EOT_TEXT, GPT2_PATTERN, TOKENIZER_TYPES, Tokenizer, bytes_to_unicode
 
 log = logging.getLogger(__name__)
@@ -506,13 +506,8 @@ def _parse_merge(line: str, path: str | Path = "merges", n: int = 0) -> Pair:
 
 def _read_json_object(path: str | Path) -> dict[str, int]:
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"file not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict) or not all(isinstance(i, int) for i in data.values()):
+    data = read_json(path)
+    if not all(isinstance(i, int) for i in data.values()):
         raise UserError(f"{path} should map token text to integer ids")
     return data
 

@@ -24,7 +24,6 @@ points at a local copy instead.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -43,6 +42,7 @@ from tqdm.auto import tqdm
 from gpt2.assets import ASSETS, fetch, sha256_file
 from gpt2.corpus import read_text
 from gpt2.errors import UserError
+from gpt2.files import read_jsonl
 from gpt2.model import GPT
 from gpt2.shards import open_shard
 from gpt2.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
@@ -186,25 +186,9 @@ def resolve_data(task: str, data: str | Path | None) -> DataSource:
     return DataSource(path, sha256_file(path))
 
 
-def read_jsonl(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
-    """The first ``limit`` JSON objects of a JSON-lines file (blank lines skipped)."""
-    items: list[dict[str, Any]] = []
-    try:
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if limit is not None and len(items) >= limit:
-                    break
-                if not line.strip():
-                    continue
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(item, dict):
-                    raise UserError(f"{path}:{lineno}: expected a JSON object")
-                items.append(item)
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+def read_items(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """The first ``limit`` items of a benchmark's JSON Lines file; none is an error."""
+    items = read_jsonl(path, limit)
     if not items:
         raise UserError(f"{path} has no items")
     return items
@@ -461,7 +445,7 @@ def load_hellaswag(
         raise UserError(f"unknown HellaSwag style {style!r}; known: {', '.join(HELLASWAG_STYLES)}")
     path = source.path
     items = []
-    for i, raw in enumerate(read_jsonl(path, limit)):
+    for i, raw in enumerate(read_items(path, limit)):
         endings = _field(raw, "endings", path, i, list)
         if len(endings) < 2 or not all(isinstance(e, str) and e for e in endings):
             raise UserError(f"{path} item {i + 1}: 'endings' must be two or more non-empty strings")
@@ -522,7 +506,7 @@ class LambadaTask(Task):
 def load_lambada(tokenizer: Tokenizer, source: DataSource, limit: int | None) -> LambadaTask:
     path = source.path
     items = []
-    for i, raw in enumerate(read_jsonl(path, limit)):
+    for i, raw in enumerate(read_items(path, limit)):
         text = _field(raw, "text", path, i, str)
         if " " not in text.strip():
             raise UserError(f"{path} item {i + 1}: the text needs a context and a last word")

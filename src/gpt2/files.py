@@ -170,18 +170,27 @@ def read_json(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Every non-empty line of a JSON Lines file, each an object."""
+def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """The first ``limit`` objects of a JSON Lines file (blank lines skipped), read a line at a
+    time; a bad line is one `UserError` naming the file and line."""
     path = Path(path)
-    records = []
-    for number, line in enumerate(_read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise UserError(f"{path}:{number}: must be a JSON object")
-        records.append(record)
+    records: list[dict[str, Any]] = []
+    try:
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if limit is not None and len(records) >= limit:
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+                if not isinstance(record, dict):
+                    raise UserError(f"{path}:{number}: expected a JSON object")
+                records.append(record)
+    except FileNotFoundError:
+        raise UserError(f"file not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     return records

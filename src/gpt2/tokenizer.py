@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from gpt2.errors import UserError
-from gpt2.files import write_json
+from gpt2.files import read_json, write_json
 
 TOKENIZER_FILE = "tokenizer.json"
 EOT_TEXT = "<|endoftext|>"
@@ -224,11 +224,7 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
     path = Path(folder) / TOKENIZER_FILE
     if not path.is_file():
         raise UserError(f"no {TOKENIZER_FILE} in {folder}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
-    return tokenizer_from_dict(data)
+    return tokenizer_from_dict(read_json(path))
 
 
 def get_tokenizer(name: str, text: str | None = None) -> Tokenizer:
