@@ -93,6 +93,13 @@ def capture_rng() -> dict[str, Any]:
     }
 
 
+def seed_rngs(seed: int) -> None:
+    """Seed every generator `capture_rng` captures."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def restore_rng(state: dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
