@@ -3,7 +3,7 @@
 `Trainer` holds a run's state (model, optimizer, data) so that each step of the loop is a small
 method a reader can follow and a test can call; nothing here lives in module globals.
 
-One optimiser step, on each of ``world_size`` processes (see `gpt2.distributed`):
+One optimizer step, on each of ``world_size`` processes (see `gpt2.distributed`):
 
     for each of accum_steps micro-batches (batch_size x block_size tokens each):
         loss = model(x, y) / accum_steps;  loss.backward()   # gradients add up
@@ -82,7 +82,7 @@ def learning_rate_at(step: int, cfg: TrainConfig) -> float:
 
 
 def accumulation_steps(total_batch_tokens: int, micro_tokens: int, world_size: int) -> int:
-    """Micro-steps per optimiser step so that ``world_size`` processes of ``micro_tokens``
+    """Micro-steps per optimizer step so that ``world_size`` processes of ``micro_tokens``
     tokens each reach ``total_batch_tokens`` (0: one micro-step)."""
     if total_batch_tokens == 0:
         return 1
@@ -370,7 +370,7 @@ class Trainer:
             return model(x, y)[1]
 
     def train_step(self) -> StepStats:
-        """One optimiser step: accumulate the micro-batches' gradients, check the loss, clip,
+        """One optimizer step: accumulate the micro-batches' gradients, check the loss, clip,
         update. A NaN or infinite loss stops the run (`UserError`) or, with ``on_nan = skip``,
         discards the step's gradients."""
         cfg = self.cfg
@@ -536,7 +536,7 @@ class Trainer:
             cleanup.callback(bar.close)
             stop = cleanup.enter_context(StopRequest().installed())
             while self.step < cfg.max_iters:
-                # --- one optimiser step
+                # --- one optimizer step
                 t0 = time.perf_counter()
                 stats = self.train_step()
                 dt = time.perf_counter() - t0
