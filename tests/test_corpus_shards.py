@@ -305,10 +305,17 @@ def test_cli_folder_hf_dataset_and_training_on_shards(tmp_path: Path, documents:
     assert sum(len(s) for s in load_split(tmp_path / "hf", "train")) > 1000
 
 
-def test_load_split_of_a_single_file_folder(tmp_path: Path, shakespeare: Path) -> None:
+def test_gpt2_prepare_of_one_text_file_writes_llmc_shards(
+    tmp_path: Path, shakespeare: Path
+) -> None:
     assert main(["-q", "prepare", "--input", str(shakespeare), "--out", str(tmp_path)]) == 0
+    meta = read_meta(tmp_path)
+    assert meta["shards"] == {"train": ["train_000000.bin"], "val": ["val_000000.bin"]}
+    for split in ("train", "val"):
+        header = np.fromfile(tmp_path / f"{split}_000000.bin", dtype="<i4", count=3)
+        assert header.tolist() == [MAGIC, 1, meta[f"{split}_tokens"]]  # gpt2 ids: uint16
     [train] = load_split(tmp_path, "train")
-    assert isinstance(train, np.memmap) and len(train) == read_meta(tmp_path)["train_tokens"]
+    assert isinstance(train, np.memmap) and len(train) == meta["train_tokens"]
 
 
 def test_truncated_shard_is_refused(

@@ -544,21 +544,10 @@ def load_task(
     return load_lambada(tokenizer, source, limit)
 
 
-def evaluate_task(
-    model: GPT,
-    tokenizer: Tokenizer,
-    task: str,
-    data: str | Path | None = None,
-    limit: int | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    stride: int | None = None,
-    style: str = "harness",
-    show_progress: bool = False,
-) -> dict[str, float]:
+def evaluate_task(model: GPT, tokenizer: Tokenizer, task: str, **options: Any) -> dict[str, float]:
     """One call: load ``task`` and return its figures for ``model`` (dropout is off while scoring
-    and the model's train/eval mode is restored afterwards)."""
-    loaded = load_task(task, tokenizer, data, limit, stride, style)
-    return loaded.evaluate(model, batch_size, show_progress)
+    and the model's train/eval mode is restored afterwards); ``options`` are `run_eval`'s."""
+    return run_eval(model, tokenizer, task, model_name="", **options).metrics
 
 
 # ----------------------------------------------------------------------------------------------

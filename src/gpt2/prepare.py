@@ -69,7 +69,7 @@ BATCH_CHARS = 1 << 20  # text sent to a worker at a time
 CHECKPOINT_SECONDS = 10.0
 
 
-# --- one text file ------------------------------------------------------------------------------
+# --- one text file --------------------------------------------------------------------------------
 
 
 def prepare_text(
@@ -180,7 +180,7 @@ def fast_encode(tok: Tokenizer) -> Callable[[str], list[int]]:
     return encode
 
 
-# --- a corpus: encoding, in worker processes -----------------------------------------------------------
+# --- a corpus: encoding, in worker processes ------------------------------------------------------
 
 
 class BatchEncoder:
@@ -285,7 +285,7 @@ def encode_in_order(
             yield done, result.get()
 
 
-# --- a corpus: the pipeline ---------------------------------------------------------------------------
+# --- a corpus: the pipeline -----------------------------------------------------------------------
 
 
 @dataclass
