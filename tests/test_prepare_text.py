@@ -16,7 +16,7 @@ from gpt2.errors import UserError
 from gpt2.loader import WindowSequence
 from gpt2.prepare import prepare_text
 from gpt2.shards import MAGIC, load_split, read_meta
-from gpt2.tokenizer import GPT2Tokenizer, load_tokenizer
+from gpt2.tokenizer import CharTokenizer, GPT2Tokenizer, load_tokenizer
 
 
 def test_prepare_char_writes_two_shards_meta_and_tokenizer(tmp_path: Path) -> None:
@@ -91,7 +91,7 @@ def test_reprepare_replaces_whole_or_not_at_all(
     src.write_text("abcdefghij" * 10, encoding="utf-8")
     prepare_text(src, out, tokenizer="char", show_progress=False)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    with pytest.raises(UserError, match="different char tokenizer .* use another --out"):
+    with pytest.raises(UserError, match=r"another tokenizer \(char, 10 ids; now gpt2, 50257\)"):
         prepare_text(src, out, tokenizer="gpt2", show_progress=False)
 
     def full_disk(*args: object) -> None:
@@ -122,3 +122,34 @@ def test_a_folder_from_an_older_release_is_refused(
     assert len(err.splitlines()) == 1
     assert "prepared by an older gpt2 (headerless train.bin/val.bin)" in err
     assert "run `gpt2 prepare` again" in err
+
+
+def test_the_demo_prepares_its_data_again_over_an_older_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shakespeare: Path
+) -> None:
+    from gpt2.commands.train import DEMO_DATA_DIR, demo_data_dir
+
+    monkeypatch.chdir(tmp_path)
+    DEMO_DATA_DIR.mkdir(parents=True)
+    np.arange(100, dtype=np.uint16).tofile(DEMO_DATA_DIR / "train.bin")
+    (DEMO_DATA_DIR / "meta.json").write_text('{"version": 1, "dtype": "uint16"}')
+    CharTokenizer.from_text(shakespeare.read_text(encoding="utf-8")).save(DEMO_DATA_DIR)
+    with pytest.raises(UserError, match="older gpt2"):
+        read_meta(DEMO_DATA_DIR)
+    meta = read_meta(demo_data_dir())  # replaced whole, with the same characters
+    n_chars = len(shakespeare.read_text(encoding="utf-8"))
+    assert meta["tokenizer"] == "char" and meta["vocab_size"] == 65
+    assert meta["train_tokens"] + meta["val_tokens"] == n_chars
+    assert meta["val_tokens"] == int(n_chars * 0.1)
+    assert sorted(p.name for p in DEMO_DATA_DIR.iterdir()) == [
+        "meta.json", "tokenizer.json", "train_000000.bin", "val_000000.bin"
+    ]  # fmt: skip
+    assert demo_data_dir() == DEMO_DATA_DIR and read_meta(DEMO_DATA_DIR) == meta  # kept as is
+
+
+def test_a_trainer_without_data_says_what_to_do() -> None:
+    from gpt2.config import TrainConfig
+    from gpt2.train import Trainer
+
+    with pytest.raises(UserError, match="no data folder: set data to a folder from `gpt2 prepare`"):
+        Trainer(TrainConfig(), show_progress=False)

@@ -36,7 +36,7 @@ def _os_error(path: Path, e: OSError) -> UserError:
     return UserError(f"cannot write {path}: {e.strerror or e}")
 
 
-def fsync_folder(folder: Path) -> None:
+def _fsync_folder(folder: Path) -> None:
     """Flush the folder's entry list, so that a rename inside it survives a power cut."""
     with contextlib.suppress(OSError):  # not every file system lets a folder be opened
         fd = os.open(folder, os.O_RDONLY)
@@ -64,18 +64,12 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         tmp = None
-        fsync_folder(path.parent)
+        _fsync_folder(path.parent)
     except OSError as e:
         raise _os_error(path, e) from None
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
-
-
-def write_bytes(path: str | Path, data: bytes) -> Path:
-    with atomic_file(path) as tmp:
-        tmp.write_bytes(data)
-    return Path(path)
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -95,7 +89,7 @@ def copy_file(source: str | Path, path: str | Path) -> Path:
     return Path(path)
 
 
-def temp_folder_beside(final: Path) -> Path:
+def _temp_folder_beside(final: Path) -> Path:
     """A new empty folder next to ``final``, hidden and named so that a stale one is recognised
     (``.NAME.tmp-*``); its mode follows the umask (``mkdtemp`` would give 0700)."""
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -110,7 +104,7 @@ def _fsync_files(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def swap_folder(new: Path, final: Path) -> None:
+def _swap_folder(new: Path, final: Path) -> None:
     """Rename ``new`` to ``final``; an existing ``final`` is moved aside first, then removed
     (two renames: at every moment one complete folder exists under one of the two names)."""
     if final.exists():
@@ -120,7 +114,7 @@ def swap_folder(new: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(new, final)
-    fsync_folder(final.parent)
+    _fsync_folder(final.parent)
 
 
 @contextlib.contextmanager
@@ -132,10 +126,10 @@ def replaced_folder(final: str | Path) -> Iterator[Path]:
     try:
         if final.exists() and not final.is_dir():
             raise UserError(f"cannot write {final}: it exists and is not a folder")
-        tmp = temp_folder_beside(final)
+        tmp = _temp_folder_beside(final)
         yield tmp
         _fsync_files(tmp)
-        swap_folder(tmp, final)
+        _swap_folder(tmp, final)
         tmp = None
     except OSError as e:
         raise _os_error(final, e) from None

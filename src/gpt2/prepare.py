@@ -111,20 +111,33 @@ def prepare_text(
     with replaced_folder(out) as tmp:
         names = {s: [write_shard(tmp / shard_name(s, 0), ids, dtype)] for s, ids in splits.items()}
         tok.save(tmp)
-        meta = {
-            "version": 2,
-            "format": FORMAT,
-            "tokenizer": tok.kind,
-            "vocab_size": tok.vocab_size,
-            "eot_token": tok.eot_token,
-            "dtype": dtype.name,
-            "train_tokens": len(splits["train"]),
-            "val_tokens": len(splits["val"]),
-            "shards": names,
-            "settings": settings,
-        }
+        counts = {s: len(ids) for s, ids in splits.items()}
+        meta = folder_meta(tok, dtype, counts, names, settings)
         write_json(tmp / META_FILE, meta)
     return meta
+
+
+def folder_meta(
+    tokenizer: Tokenizer,
+    dtype: np.dtype,
+    counts: dict[str, int],
+    shards: dict[str, list[str]],
+    settings: dict[str, Any],
+    **extra: Any,
+) -> dict[str, Any]:
+    """What ``meta.json`` holds, for either pipeline (`gpt2.shards.read_meta` reads it)."""
+    return {
+        "version": 2,
+        "format": FORMAT,
+        "tokenizer": tokenizer.kind,
+        "vocab_size": tokenizer.vocab_size,
+        "eot_token": tokenizer.eot_token,
+        "dtype": dtype.name,
+        **{f"{split}_tokens": n for split, n in counts.items()},
+        **extra,
+        "shards": shards,
+        "settings": settings,
+    }
 
 
 def tokenizer_id(tokenizer: Tokenizer) -> str:
@@ -145,8 +158,8 @@ def _existing_settings(out: Path, tok: Tokenizer) -> dict[str, Any] | None:
     old = load_tokenizer(out)
     if old.to_dict() != tok.to_dict():
         raise UserError(
-            f"{out} holds data prepared with a different {old.kind} tokenizer (now {tok.kind}); "
-            "use another --out folder, or delete this one to start again"
+            f"{out} holds data prepared with another tokenizer ({old.kind}, {old.vocab_size} ids; "
+            f"now {tok.kind}, {tok.vocab_size}); use another --out folder, or delete this one"
         )
     return read_json(out / META_FILE).get("settings")
 
@@ -436,21 +449,8 @@ def prepare_shards(
             f"the corpus gave {writers['train'].documents} train and {writers['val'].documents} val documents: "
             "both splits need at least one (more documents, or another --val-fraction)"
         )
-    meta = {
-        "version": 2,
-        "format": FORMAT,
-        "tokenizer": tokenizer.kind,
-        "vocab_size": tokenizer.vocab_size,
-        "eot_token": tokenizer.eot_token,
-        "dtype": dtype.name,
-        "shard_tokens": shard_tokens,
-        "train_tokens": counts["train"],
-        "val_tokens": counts["val"],
-        "documents": {s: w.documents for s, w in writers.items()},
-        "shards": names,
-        "stats": progress.stats,
-        "settings": settings,
-    }
+    meta = folder_meta(tokenizer, dtype, counts, names, settings, shard_tokens=shard_tokens,
+                       documents={s: w.documents for s, w in writers.items()}, stats=progress.stats)  # fmt: skip
     write_json(out / META_FILE, meta)  # last: its presence means the folder is complete
     (out / PROGRESS_FILE).unlink(missing_ok=True)
     return meta

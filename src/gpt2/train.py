@@ -158,8 +158,7 @@ class Trainer:
         self.cfg = cfg
         self._set_up_device()
         self.show_progress = show_progress and self.is_main
-        self.data_dir = Path(cfg.data)
-        meta = read_meta(self.data_dir)
+        self.data_dir, meta = self._open_data()
         self.tokenizer = load_tokenizer(self.data_dir)
         self.eval_task = self._load_eval_task()
         self.out_dir = Path(cfg.out_dir)
@@ -205,6 +204,15 @@ class Trainer:
         # In float32 on the CPU the loss is computed a chunk of rows at a time (never the
         # whole logits tensor); autocast and GPUs take the plain path.
         self.chunked_loss = self.device.type == "cpu" and self.dtype == torch.float32
+
+    def _open_data(self) -> tuple[Path, dict[str, Any]]:
+        """The prepared folder and its ``meta.json`` (`gpt2.shards`)."""
+        if not self.cfg.data:
+            raise UserError(
+                "no data folder: set data to a folder from `gpt2 prepare` (`gpt2 train` without "
+                "--data prepares TinyShakespeare itself)"
+            )
+        return Path(self.cfg.data), read_meta(self.cfg.data)
 
     def _load_eval_task(self) -> Task | None:
         """The benchmark of --eval-task, read once now: a bad file stops the run before step 1."""
