@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpt2.errors import UserError
-from gpt2.files import atomic_file
+from gpt2.files import atomic_file, make_folder
 
 CACHE_ENV = "GPT2_CACHE_DIR"
 
@@ -112,11 +112,7 @@ def fetch(name: str) -> Path:
 
 def _download(asset: Asset, target: Path) -> None:
     """Download to a temp file beside the target, check the hash, then rename into place."""
-    folder = target.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the asset cache folder {folder}: {e.strerror}") from None
+    make_folder(target.parent, "the asset cache folder")
     with atomic_file(target) as tmp:
         try:
             with urllib.request.urlopen(asset.url, timeout=30) as response, tmp.open("wb") as out:

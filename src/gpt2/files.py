@@ -36,6 +36,16 @@ def _os_error(path: Path, e: OSError) -> UserError:
     return UserError(f"cannot write {path}: {e.strerror or e}")
 
 
+def make_folder(folder: str | Path, what: str = "output folder") -> Path:
+    """``folder`` and its parents, created if missing; failing, one `UserError` naming it."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {what} {folder}: {e.strerror or e}") from None
+    return folder
+
+
 def _fsync_folder(folder: Path) -> None:
     """Flush the folder's entry list, so that a rename inside it survives a power cut."""
     with contextlib.suppress(OSError):  # not every file system lets a folder be opened

@@ -52,7 +52,7 @@ from gpt2.corpus import (
     text_chunks,
 )
 from gpt2.errors import UserError
-from gpt2.files import read_json, replaced_folder, write_json
+from gpt2.files import make_folder, read_json, replaced_folder, write_json
 from gpt2.shards import FORMAT, META_FILE, SPLITS, ShardWriter, shard_name, token_dtype, write_shard
 from gpt2.tokenizer import (
     TOKENIZER_FILE,
@@ -413,11 +413,7 @@ def prepare_shards(
     if not isinstance(progress, Progress):
         log.info("%s already holds this corpus, prepared", out)
         return progress
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create output folder {out}: {e.strerror}") from None
-    tokenizer.save(out)
+    tokenizer.save(make_folder(out))
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {s: ShardWriter(out, s, shard_tokens, dtype, **progress.splits[s]) for s in SPLITS}
     try:
