@@ -18,7 +18,7 @@ Bound: weight bytes read per token (every parameter once, the tied head counted 
 table not) over a read bandwidth measured here (a sum over 1 GiB, best of 5).
 
 Quality of int8: perplexity of a trained model on held-out text (the last 10% of TinyShakespeare)
-before and after quantization; ``--quality-model`` is any folder `gpt2.hf.load_pretrained` takes
+before and after quantization; ``--quality-model`` is any source `gpt2.checkpoint.load_model` takes
 (default: out/shakespeare-char, which ``make demo`` trains).
 
 Usage: python bench/bench_generate.py [--reps 3] [--threads N] [--quantize int8] [--quick]
@@ -143,12 +143,12 @@ def perplexity(model: GPT, tokens: torch.Tensor, batch: int = 32) -> float:
 def int8_quality(source: str) -> dict | None:
     """Perplexity of a trained model before and after int8, on held-out TinyShakespeare."""
     from gpt2.assets import fetch
-    from gpt2.hf import load_pretrained
+    from gpt2.checkpoint import load_model
 
     if not Path(source).exists():
         print(f"quality: {source} not found, skipped (train one with `make demo`)")
         return None
-    model, tok = load_pretrained(source)
+    model, tok = load_model(source)
     model.eval()
     text = fetch("tinyshakespeare/input.txt").read_text(encoding="utf-8")
     held_out = text[int(len(text) * 0.9) :]

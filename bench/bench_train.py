@@ -35,10 +35,11 @@ import torch.nn.functional as F
 
 from gpt2.assets import fetch
 from gpt2.config import GPTConfig, TrainConfig
-from gpt2.data import load_split, prepare, read_meta
+from gpt2.device import cpu_flags, cpu_has_native_bf16, cpu_peak_flops
 from gpt2.loader import Layout, TrainBatches, WindowSequence
 from gpt2.metrics import peak_memory_gb
-from gpt2.precision import cpu_flags, cpu_has_native_bf16, cpu_peak_flops
+from gpt2.prepare import prepare_text
+from gpt2.shards import load_split, read_meta
 from gpt2.train import Trainer, build_optimizer
 
 SHAPES = {
@@ -68,7 +69,7 @@ SHAPES = {
 def data_dir(tokenizer: str, root: Path) -> Path:
     folder = root / f"shakespeare-{tokenizer}"
     if not (folder / "meta.json").is_file():
-        prepare(
+        prepare_text(
             fetch("tinyshakespeare/input.txt"), folder, tokenizer=tokenizer, show_progress=False
         )
     return folder
@@ -209,7 +210,7 @@ def rss_child(name: str, side: str, root: Path, dtype: str = "float32") -> None:
             shape["model"], **{**shape["overrides"], "vocab_size": meta["vocab_size"]}
         )
         cfg = our_config(shape, root)
-        sequence = WindowSequence([load_split(folder, "train")], config.block_size, cfg.seed)
+        sequence = WindowSequence(load_split(folder, "train"), config.block_size, cfg.seed)
         step = HFStep(config, cfg, TrainBatches(sequence, Layout(cfg.batch_size)))
     for _ in range(3):
         step()

@@ -7,13 +7,13 @@ import random
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from gpt2.bpe import BPETokenizer
 from gpt2.bpe_train import PairIndex, count_words, merge_ids, train_bpe
 from gpt2.cli import main
 from gpt2.errors import UserError
+from gpt2.shards import load_split
 from gpt2.tokenizer import EOT_TEXT, load_tokenizer
 
 
@@ -163,7 +163,7 @@ def test_cli_trained_tokenizer_prepares_trains_and_samples(
         == 0
     )
     tok = load_tokenizer(data)
-    train_ids = np.fromfile(data / "train.bin", dtype=np.uint16)
+    [train_ids] = load_split(data, "train")
     assert tok.vocab_size == 400 and train_ids.max() < 400
     assert tok.decode(train_ids.tolist()) == shakespeare_text[: len(tok.decode(train_ids.tolist()))]
     args = ["-q", "train", "--data", str(data), "--out-dir", str(run), "--model", "tiny", "--max-iters", "2",

@@ -18,9 +18,8 @@ TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 40
 def char_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cli")
     (root / "in.txt").write_text(TEXT, encoding="utf-8")
-    assert (
-        main(["-q", "prepare", "--input", str(root / "in.txt"), "--out", str(root / "data")]) == 0
-    )
+    args = ["-q", "prepare", "--input", str(root / "in.txt"), "--tokenizer", "char"]
+    assert main([*args, "--out", str(root / "data")]) == 0
     return root / "data"
 
 
@@ -152,7 +151,8 @@ def test_bad_inputs(
     assert "input file is empty" in run_cli_error(
         ["prepare", "--input", str(empty), "--out", str(tmp_path / "o")], capsys
     )
-    assert main(["-q", "prepare", "--input", str(short), "--out", str(tmp_path / "short")]) == 0
+    args = ["-q", "prepare", "--input", str(short), "--tokenizer", "char"]
+    assert main([*args, "--out", str(tmp_path / "short")]) == 0
     assert "fewer than one window" in run_cli_error(
         tiny_train_args(tmp_path / "short", tmp_path / "r1"), capsys
     )

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 import gpt2.corpus
-from gpt2.corpus import Position, ReadStats, Source, find_sources, read_corpus
-from gpt2.data import text_chunks
+from gpt2.corpus import Position, ReadStats, Source, find_sources, read_corpus, text_chunks
 from gpt2.errors import UserError
 from gpt2.tokenizer import GPT2Tokenizer
 

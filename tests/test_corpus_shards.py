@@ -14,14 +14,16 @@ import numpy as np
 import pytest
 
 import gpt2.corpus
+import gpt2.prepare
 import gpt2.shards
 from gpt2.bpe import BPETokenizer
 from gpt2.bpe_train import count_words, train_bpe
 from gpt2.cli import main
 from gpt2.corpus import Source, find_sources
-from gpt2.data import ShardedTokens, TokenWindows, load_split, load_split_shards, read_meta
 from gpt2.errors import UserError
-from gpt2.shards import HEADER_BYTES, MAGIC, is_val_document, open_shard, prepare_shards
+from gpt2.loader import WindowSequence
+from gpt2.prepare import is_val_document, prepare_shards
+from gpt2.shards import HEADER_BYTES, MAGIC, load_split, open_shard, read_meta
 from gpt2.tokenizer import GPT2Tokenizer
 
 EOT = 50256
@@ -77,7 +79,7 @@ def test_shards_hold_the_documents_in_order(
     want = expected_streams(docs, gpt2_tok, 0.1)
     assert meta["documents"] == {"train": 360, "val": 40}
     for split in ("train", "val"):
-        shards = load_split_shards(tmp_path / "out", split)
+        shards = load_split(tmp_path / "out", split)
         assert all(len(s) == 3000 for s in shards[:-1]) and 0 < len(shards[-1]) <= 3000
         assert np.concatenate(shards).tolist() == want[split]
         assert meta[f"{split}_tokens"] == len(want[split])
@@ -86,11 +88,11 @@ def test_shards_hold_the_documents_in_order(
     assert read_meta(tmp_path / "out")["vocab_size"] == 50257
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"meta.json", "tokenizer.json", *meta["shards"]["train"], *meta["shards"]["val"]}  # fmt: skip
     # the trainer's view: all train shards as one sequence
-    train = load_split(tmp_path / "out", "train")
-    assert isinstance(train, ShardedTokens) and len(train) == len(want["train"])
-    assert train[2990:3010].tolist() == want["train"][2990:3010]  # across a shard boundary
-    x, y = TokenWindows(train, block_size=16)[2990]
-    assert x.tolist() == want["train"][2990:3006] and y.tolist() == want["train"][2991:3007]
+    shards = load_split(tmp_path / "out", "train")
+    windows = WindowSequence(shards, block_size=16, seed=0)
+    n0 = len(shards[0]) - 16  # windows in shard 0: they never cross into shard 1
+    last, first = windows.gather(np.array([n0 - 1, n0])).tolist()
+    assert last == want["train"][n0 - 1 : n0 + 16] and first == want["train"][3000:3017]
 
 
 def test_workers_and_reference_encoder_give_identical_shards(tmp_path: Path, documents: list[str], gpt2_tok: GPT2Tokenizer) -> None:  # fmt: skip
@@ -121,7 +123,7 @@ def test_resume_after_crash_gives_identical_shards(
     sources = find_sources([write_jsonl(tmp_path / "c.jsonl", documents * 2)])
     kw = {"shard_tokens": 30_000, "val_fraction": 0.05}
     whole = prepare(sources, tmp_path / "whole", gpt2_tok, **kw)
-    monkeypatch.setattr(gpt2.shards, "BATCH_CHARS", 20_000)  # many batches; the output is the same
+    monkeypatch.setattr(gpt2.prepare, "BATCH_CHARS", 20_000)  # many batches; the output is the same
     calls = {"n": 0}
     original = (
         gpt2.shards.ShardWriter._finish_shard
@@ -247,7 +249,7 @@ def test_folder_of_another_tokenizer_or_settings_is_refused(tmp_path: Path, docu
     with pytest.raises(UserError, match="not empty and holds no prepare run"):
         prepare(sources, tmp_path / "other", gpt2_tok)
     assert main(["-q", "prepare", "--input", str(tmp_path / "other" / "notes.txt"), "--out", str(tmp_path / "classic")]) == 0  # fmt: skip
-    with pytest.raises(UserError, match="prepared from a single text file"):
+    with pytest.raises(UserError, match="different setting"):
         prepare(sources, tmp_path / "classic", gpt2_tok)
 
 
@@ -300,13 +302,20 @@ def test_cli_folder_hf_dataset_and_training_on_shards(tmp_path: Path, documents:
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_dict({"text": documents[:50]}).save_to_disk(str(tmp_path / "ds"))
     assert main(["-q", "prepare", "--hf-dataset", str(tmp_path / "ds"), "--out", str(tmp_path / "hf"), "--shard-tokens", "2000"]) == 0  # fmt: skip
-    assert sum(len(s) for s in load_split_shards(tmp_path / "hf", "train")) > 1000
+    assert sum(len(s) for s in load_split(tmp_path / "hf", "train")) > 1000
 
 
-def test_load_split_shards_of_a_single_file_folder(tmp_path: Path, shakespeare: Path) -> None:
+def test_gpt2_prepare_of_one_text_file_writes_llmc_shards(
+    tmp_path: Path, shakespeare: Path
+) -> None:
     assert main(["-q", "prepare", "--input", str(shakespeare), "--out", str(tmp_path)]) == 0
-    [train] = load_split_shards(tmp_path, "train")
-    assert isinstance(train, np.memmap) and len(train) == read_meta(tmp_path)["train_tokens"]
+    meta = read_meta(tmp_path)
+    assert meta["shards"] == {"train": ["train_000000.bin"], "val": ["val_000000.bin"]}
+    for split in ("train", "val"):
+        header = np.fromfile(tmp_path / f"{split}_000000.bin", dtype="<i4", count=3)
+        assert header.tolist() == [MAGIC, 1, meta[f"{split}_tokens"]]  # gpt2 ids: uint16
+    [train] = load_split(tmp_path, "train")
+    assert isinstance(train, np.memmap) and len(train) == meta["train_tokens"]
 
 
 def test_truncated_shard_is_refused(
@@ -322,7 +331,7 @@ def test_truncated_shard_is_refused(
     with open(path, "r+b") as f:
         f.truncate(HEADER_BYTES + 10)
     with pytest.raises(UserError, match="truncated"):
-        load_split_shards(tmp_path / "out", "train")
+        load_split(tmp_path / "out", "train")
 
 
 def test_trained_bpe_tokenizer_prepares_shards(tmp_path: Path, documents: list[str]) -> None:
@@ -332,7 +341,7 @@ def test_trained_bpe_tokenizer_prepares_shards(tmp_path: Path, documents: list[s
     prepare(sources, tmp_path / "fast", tok, shard_tokens=3000)
     prepare(sources, tmp_path / "slow", tok, shard_tokens=3000, fast=False)
     assert shard_bytes(tmp_path / "fast") == shard_bytes(tmp_path / "slow")
-    train = np.concatenate(load_split_shards(tmp_path / "fast", "train"))
+    train = np.concatenate(load_split(tmp_path / "fast", "train"))
     assert train.max() == tok.eot_token == 499
 
 
@@ -350,7 +359,7 @@ def test_network_failure_keeps_the_checkpoint(
             yield rows[n], True, n + 1, n + 1
 
     hf = [Source("hf", "web/text")]
-    monkeypatch.setattr(gpt2.shards, "BATCH_CHARS", 2000)
+    monkeypatch.setattr(gpt2.prepare, "BATCH_CHARS", 2000)
     monkeypatch.setattr(gpt2.corpus, "read_hf_dataset", stream)
     whole = prepare(hf, tmp_path / "whole", gpt2_tok, shard_tokens=1000)
     monkeypatch.setattr(

@@ -13,7 +13,8 @@ import torch
 
 from gpt2.checkpoint import load_checkpoint
 from gpt2.config import TrainConfig
-from gpt2.data import load_split, prepare
+from gpt2.prepare import prepare_text
+from gpt2.shards import load_split
 from gpt2.train import Trainer
 
 STEPS = 20
@@ -38,7 +39,7 @@ def char_data(shakespeare: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     source = tmp_path_factory.mktemp("text") / "input.txt"
     source.write_text(shakespeare.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
     out = tmp_path_factory.mktemp("char-data")
-    prepare(source, out, tokenizer="char", show_progress=False)
+    prepare_text(source, out, tokenizer="char", show_progress=False)
     return out
 
 

@@ -22,9 +22,8 @@ def char_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("eval-train")
     text = (LAMBADA.read_text() + HELLASWAG.read_text() + (DATA / "eval_tiny.txt").read_text()) * 4
     (root / "in.txt").write_text(text, encoding="utf-8")
-    assert (
-        main(["-q", "prepare", "--input", str(root / "in.txt"), "--out", str(root / "data")]) == 0
-    )
+    args = ["-q", "prepare", "--input", str(root / "in.txt"), "--tokenizer", "char"]
+    assert main([*args, "--out", str(root / "data")]) == 0
     return root / "data"
 
 

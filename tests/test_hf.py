@@ -19,10 +19,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from gpt2.checkpoint import load_model
 from gpt2.config import GPTConfig
 from gpt2.errors import UserError
 from gpt2.generate import generate
-from gpt2.hf import hf_state_dict, load_pretrained, save_pretrained
+from gpt2.hf import hf_state_dict, save_pretrained
 from gpt2.model import GPT
 
 transformers = pytest.importorskip("transformers")
@@ -401,13 +402,13 @@ def test_hub_alias_resolves_to_openai_community(tiny, monkeypatch: pytest.Monkey
     assert "model.safetensors" in asked[0][1] and "pytorch_model.bin" not in asked[0][1]
 
 
-def test_load_pretrained_also_reads_our_own_checkpoints(tmp_path: Path) -> None:
+def test_load_model_also_reads_our_own_checkpoints(tmp_path: Path) -> None:
     from gpt2.checkpoint import save_checkpoint
     from gpt2.config import TrainConfig
     from gpt2.tokenizer import CharTokenizer
 
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=5))
     save_checkpoint(tmp_path / "run" / "ckpt", model, CharTokenizer("abcde"), TrainConfig())
-    loaded, tokenizer = load_pretrained(tmp_path / "run")
+    loaded, tokenizer = load_model(tmp_path / "run")
     assert tokenizer.to_dict() == {"type": "char", "chars": list("abcde")}
     assert torch.equal(loaded.transformer.wte.weight, model.transformer.wte.weight)

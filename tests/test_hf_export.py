@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2.checkpoint import load_checkpoint, save_checkpoint
+from gpt2.checkpoint import load_checkpoint, load_model, save_checkpoint
 from gpt2.cli import main
 from gpt2.config import GPTConfig, TrainConfig
 from gpt2.errors import UserError
-from gpt2.hf import load_pretrained, save_pretrained
+from gpt2.hf import save_pretrained
 from gpt2.model import GPT
 from gpt2.tokenizer import CharTokenizer, GPT2Tokenizer, Tokenizer
 
@@ -144,7 +144,7 @@ def test_character_model_exports_its_own_tokenizer(tmp_path: Path, shakespeare: 
     assert ids == chars.encode(text)
     assert theirs.decode(ids) == text
     assert_same_logits(model, tmp_path, chars.vocab_size)
-    _, back = load_pretrained(tmp_path)
+    _, back = load_model(tmp_path)
     assert back.to_dict() == chars.to_dict()
 
 
@@ -154,17 +154,17 @@ def test_gpt2_vocabulary_is_recognised_in_both_file_forms(
     model = randomize_(GPT(GPT2_TINY), seed=4)
     model.save_pretrained(str(tmp_path / "pair"))
     gpt2_pair(tmp_path / "pair", asset_cache)
-    _, tok = load_pretrained(tmp_path / "pair")
+    _, tok = load_model(tmp_path / "pair")
     assert isinstance(tok, GPT2Tokenizer)
     # transformers' own save writes tokenizer.json alone (the `tokenizers` format).
     model.save_pretrained(str(tmp_path / "json"))
     transformers.AutoTokenizer.from_pretrained(tmp_path / "pair").save_pretrained(tmp_path / "json")
     assert not (tmp_path / "json" / "vocab.json").exists()
-    _, tok = load_pretrained(tmp_path / "json")
+    _, tok = load_model(tmp_path / "json")
     assert isinstance(tok, GPT2Tokenizer)
     # No tokenizer files at all: GPT-2's, since the vocabulary fits.
     model.save_pretrained(str(tmp_path / "none"))
-    assert isinstance(load_pretrained(tmp_path / "none")[1], GPT2Tokenizer)
+    assert isinstance(load_model(tmp_path / "none")[1], GPT2Tokenizer)
 
 
 def test_no_tokenizer_files_and_a_small_vocabulary(tmp_path: Path) -> None:
@@ -174,7 +174,7 @@ def test_no_tokenizer_files_and_a_small_vocabulary(tmp_path: Path) -> None:
     with pytest.raises(
         UserError, match="has no tokenizer files .* GPT-2's 50257 ids do not fit the model's 40"
     ):
-        load_pretrained(tmp_path)
+        load_model(tmp_path)
     assert GPT.from_pretrained(str(tmp_path)).config.vocab_size == 40  # the model alone loads
 
 
@@ -200,16 +200,16 @@ def test_a_bpe_that_is_not_gpt2s(tmp_path: Path, asset_cache: Path) -> None:
         import gpt2.bpe  # noqa: F401  (issue 3's tokenizer)
     except ImportError:
         with pytest.raises(UserError, match="a BPE vocabulary of 1257 tokens that is not GPT-2's"):
-            load_pretrained(folder)
+            load_model(folder)
         return
-    _, tok = load_pretrained(folder)
+    _, tok = load_model(folder)
     theirs = transformers.AutoTokenizer.from_pretrained(folder)
     assert tok.kind == "bpe" and tok.vocab_size == 1257
     assert tok.encode(SAMPLE, allowed_special="all") == theirs(SAMPLE)["input_ids"]
     # ... and it exports again as the same pair, which loads back as the same tokenizer.
     out = tmp_path / "again"
     save_pretrained(GPT.from_pretrained(str(folder)), out, tok)
-    assert load_pretrained(out)[1].to_dict() == tok.to_dict()
+    assert load_model(out)[1].to_dict() == tok.to_dict()
 
 
 def test_a_tokenizer_with_no_hugging_face_form_is_refused(tmp_path: Path) -> None:

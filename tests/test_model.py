@@ -104,13 +104,6 @@ def test_crop_block_size_keeps_first_positions() -> None:
     model(torch.zeros(1, 8, dtype=torch.long))
 
 
-def test_weight_decay_only_on_matrices() -> None:
-    opt = GPT(TINY).configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu")
-    decay, no_decay = opt.param_groups
-    assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
-    assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
-
-
 @pytest.mark.parametrize(
     "kwargs, message",
     [

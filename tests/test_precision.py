@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2 import precision
+from gpt2 import device as precision
 from gpt2.config import GPTConfig
+from gpt2.device import resolve_dtype
 from gpt2.errors import UserError
 from gpt2.model import GPT, linear_cross_entropy
-from gpt2.precision import resolve_dtype
 
 CPU = torch.device("cpu")
 native_bf16 = pytest.mark.skipif(

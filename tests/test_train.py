@@ -11,14 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2 import cli, precision
+from gpt2 import cli
+from gpt2 import device as precision
 from gpt2.checkpoint import load_checkpoint, step_checkpoints
 from gpt2.commands.train import config_path, packaged_configs, resolve_configs
-from gpt2.config import TrainConfig, load_toml, padded_vocab_size
-from gpt2.data import prepare
+from gpt2.config import GPTConfig, TrainConfig, load_toml, padded_vocab_size
 from gpt2.errors import UserError
-from gpt2.model import linear_cross_entropy
-from gpt2.train import Trainer, accumulation_steps
+from gpt2.model import GPT, linear_cross_entropy
+from gpt2.prepare import prepare_text
+from gpt2.train import Trainer, accumulation_steps, build_optimizer
 
 TINY = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "dropout": 0.0}
 
@@ -29,7 +30,7 @@ def char_data(shakespeare: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     source = tmp_path_factory.mktemp("text") / "input.txt"
     source.write_text(text, encoding="utf-8")
     out = tmp_path_factory.mktemp("char-data")
-    prepare(source, out, tokenizer="char", show_progress=False)
+    prepare_text(source, out, tokenizer="char", show_progress=False)
     return out
 
 
@@ -316,3 +317,13 @@ def test_compiled_training_evaluates_and_samples(char_data, tmp_path):
         show_progress=False,
     ).run()
     assert math.isfinite(result.val_loss) and result.sample
+
+
+def test_weight_decay_only_on_matrices_and_fused_on_the_cpu() -> None:
+    model = GPT(GPTConfig(**{**TINY, "vocab_size": 16}))
+    opt = build_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    decay, no_decay = opt.param_groups
+    assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
+    assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert decay["fused"] is True

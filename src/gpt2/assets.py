@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from gpt2.errors import UserError
+from gpt2.files import atomic_file, make_folder
 
 CACHE_ENV = "GPT2_CACHE_DIR"
 
@@ -112,30 +112,20 @@ def fetch(name: str) -> Path:
 
 def _download(asset: Asset, target: Path) -> None:
     """Download to a temp file beside the target, check the hash, then rename into place."""
-    folder = target.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the asset cache folder {folder}: {e.strerror}") from None
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            try:
-                with urllib.request.urlopen(asset.url, timeout=30) as response:
-                    shutil.copyfileobj(response, out)
-            except (urllib.error.URLError, OSError) as e:
-                reason = getattr(e, "reason", e)
-                raise UserError(
-                    f"could not download {asset.path} from {asset.url} ({reason}); download it by "
-                    f"hand and put it at {target} (or set {CACHE_ENV} to a folder that has it)"
-                ) from None
+    make_folder(target.parent, "the asset cache folder")
+    with atomic_file(target) as tmp:
+        try:
+            with urllib.request.urlopen(asset.url, timeout=30) as response, tmp.open("wb") as out:
+                shutil.copyfileobj(response, out)
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise UserError(
+                f"could not download {asset.path} from {asset.url} ({reason}); download it by "
+                f"hand and put it at {target} (or set {CACHE_ENV} to a folder that has it)"
+            ) from None
         digest = sha256_file(tmp)
         if digest != asset.sha256:
             raise UserError(
                 f"downloaded {asset.path} has sha256 {digest}, expected {asset.sha256}; put a good "
                 f"copy at {target}"
             )
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 from collections.abc import Callable, Collection, Iterable, Iterator
 from functools import cached_property, partial
 from pathlib import Path
@@ -41,6 +40,7 @@ import numpy as np
 import regex
 
 from gpt2.errors import UserError
+from gpt2.files import read_json, write_text
 from gpt2.tokenizer import EOT_TEXT, GPT2_PATTERN, TOKENIZER_TYPES, Tokenizer, bytes_to_unicode
 
 log = logging.getLogger(__name__)
@@ -392,12 +392,12 @@ class BPETokenizer(Tokenizer):
         vocab = {token_to_text(t): i for t, i in self.vocab.items()}
         vocab.update(self.special_tokens)
         vocab = dict(sorted(vocab.items(), key=lambda kv: kv[1]))
-        vocab_path = _write_atomic(folder / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+        vocab_path = write_text(folder / "vocab.json", json.dumps(vocab, ensure_ascii=False))
         lines = [
             HF_MERGES_HEADER,
             *(f"{token_to_text(a)} {token_to_text(b)}" for a, b in self.merges),
         ]
-        merges_path = _write_atomic(folder / "merges.txt", "\n".join(lines) + "\n")
+        merges_path = write_text(folder / "merges.txt", "\n".join(lines) + "\n")
         return vocab_path, merges_path
 
     # --- tiktoken's ranks file ---------------------------------------------------------------
@@ -438,7 +438,7 @@ class BPETokenizer(Tokenizer):
             f"{base64.b64encode(t).decode('ascii')} {i}"
             for t, i in sorted(self.vocab.items(), key=lambda kv: kv[1])
         )
-        return _write_atomic(Path(path), "\n".join(lines) + "\n")
+        return write_text(Path(path), "\n".join(lines) + "\n")
 
 
 TOKENIZER_TYPES[BPETokenizer.kind] = BPETokenizer.from_dict
@@ -475,13 +475,6 @@ def ordinary_encoder(tokenizer: Tokenizer, fast: bool = True) -> Callable[[str],
 # --- file helpers ---------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, text: str) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
 def _numbered_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     """(line number, line) for the non-blank lines of a UTF-8 file."""
     path = Path(path)
@@ -513,13 +506,8 @@ def _parse_merge(line: str, path: str | Path = "merges", n: int = 0) -> Pair:
 
 def _read_json_object(path: str | Path) -> dict[str, int]:
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"file not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict) or not all(isinstance(i, int) for i in data.values()):
+    data = read_json(path)
+    if not all(isinstance(i, int) for i in data.values()):
         raise UserError(f"{path} should map token text to integer ids")
     return data
 

@@ -22,23 +22,24 @@ once written, so sharing them is safe), copies where the file system has no hard
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import random
 import re
 import shutil
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gpt2.config import GPTConfig, TrainConfig
 from gpt2.errors import UserError
+from gpt2.files import atomic_file, read_json, replaced_folder, write_json
 from gpt2.model import GPT
 from gpt2.tokenizer import Tokenizer, load_tokenizer
 
@@ -79,6 +80,34 @@ class Checkpoint:
             return torch.load(self.path / name, map_location="cpu", weights_only=True)
         except Exception as e:  # a truncated or foreign file: say which, whatever torch raised
             raise UserError(f"checkpoint {self.path} has a corrupt {name}: {e}") from None
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every random generator this process draws from, as plain values and tensors."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def seed_rngs(seed: int) -> None:
+    """Seed every generator `capture_rng` captures."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def step_dir_name(step: int) -> str:
@@ -131,86 +160,37 @@ def save_checkpoint(
     ``optimizer.state_dict()`` when given: a sharded (FSDP) run passes the gathered full ones.
     """
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_dir_beside(folder)
-    try:
+    with replaced_folder(folder) as tmp:
         weights = model_state if model_state is not None else model.state_dict()
         weights = {k: v.detach().cpu().contiguous() for k, v in weights.items() if k != TIED_KEY}
-        save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        with atomic_file(tmp / WEIGHTS_FILE) as path:
+            save_file(weights, str(path), metadata={"format": "pt"})
         config = {
             "format": FORMAT_VERSION,
             "model": model.config.to_dict(),
             "train": train_config.to_dict(),
             "state": state or {},
         }
-        _write_text(tmp / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+        write_json(tmp / CONFIG_FILE, config)
         tokenizer.save(tmp)
         if optimizer_state is None and optimizer is not None:
             optimizer_state = optimizer.state_dict()
-        if optimizer_state is not None:
-            torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
-        if trainer_state is not None:
-            torch.save(trainer_state, tmp / TRAINER_FILE)
-        _fsync_dir(tmp)
-        _swap_into_place(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for name, value in ((OPTIMIZER_FILE, optimizer_state), (TRAINER_FILE, trainer_state)):
+            if value is not None:
+                with atomic_file(tmp / name) as path:
+                    torch.save(value, path)
     return folder
-
-
-def _temp_dir_beside(final: Path) -> Path:
-    """A new empty folder next to ``final`` (same file system, so a rename moves it), hidden
-    and named so that a stale one is recognised (``.NAME.tmp-*``). Unlike ``mkdtemp`` its
-    permissions follow the umask, as the files' do."""
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    return tmp
-
-
-def _write_text(path: Path, text: str) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Flush every file of ``folder`` to disk before it is renamed into place: after a power
-    cut, a renamed folder must not hold files whose data never reached the disk."""
-    for p in folder.iterdir():
-        with p.open("rb") as f:
-            os.fsync(f.fileno())
-
-
-def _swap_into_place(new: Path, final: Path) -> None:
-    """Rename ``new`` to ``final``; an existing ``final`` is moved aside first, then removed."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-        os.replace(new, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, final)
 
 
 def link_checkpoint(source: Path, dest: Path) -> None:
     """Make ``dest`` a checkpoint with the same files as ``source`` (hard links, else copies),
     swapped into place whole."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_dir_beside(dest)
-    try:
+    with replaced_folder(dest) as tmp:
         for f in source.iterdir():
             try:
                 os.link(f, tmp / f.name)
             except OSError:  # no hard links here (another device, some network file systems)
                 shutil.copy2(f, tmp / f.name)
-        _swap_into_place(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 class RunCheckpoints:
@@ -289,10 +269,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     """Rebuild the model, tokenizer and configs from a checkpoint (or run) folder."""
     folder = resolve_checkpoint_dir(path)
     try:
-        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+        config = read_json(folder / CONFIG_FILE)
         model_config = GPTConfig.from_dict(config["model"])
         train_config = TrainConfig.from_dict(config.get("train", {}))
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+    except (UserError, KeyError, TypeError) as e:
         raise UserError(f"checkpoint {folder} has a corrupt {CONFIG_FILE}: {e}") from None
     if not (folder / WEIGHTS_FILE).is_file():
         raise UserError(f"checkpoint {folder} has no {WEIGHTS_FILE}")
@@ -313,3 +293,42 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     model.to(device)
     tokenizer = load_tokenizer(folder)
     return Checkpoint(model, tokenizer, train_config, config.get("state", {}), folder)
+
+
+def own_checkpoint_dir(source: str | Path) -> Path | None:
+    """The folder of one of our checkpoints at ``source`` (or a run folder's newest), else None.
+
+    Ours and Hugging Face's both call their config ``config.json``; ours has ``format`` and
+    ``model`` keys, theirs a ``model_type``.
+    """
+    if not Path(source).is_dir():
+        return None
+    try:
+        folder = resolve_checkpoint_dir(source)
+    except UserError:  # no config.json anywhere: not ours
+        return None
+    try:
+        data = read_json(folder / CONFIG_FILE)
+    except UserError:  # unreadable: load_checkpoint says so, naming the checkpoint
+        return folder
+    return folder if "format" in data and "model" in data else None
+
+
+def load_model(source: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
+    """The model and its tokenizer from any ``source`` a command takes: one of our checkpoint
+    (or run) folders, a Hugging Face GPT-2 folder, or a Hub name (``gpt2``, ``gpt2-medium``,
+    ``org/name``; see `gpt2.hf`). Every command and ``--init-from`` load through here."""
+    path = Path(source).expanduser()
+    own = own_checkpoint_dir(path)
+    if own is None and path.is_dir() and not (path / CONFIG_FILE).is_file():
+        own = path  # neither kind: load_checkpoint says what is missing
+    if own is not None:
+        ckpt = load_checkpoint(own, device)
+        return ckpt.model, ckpt.tokenizer
+    if not path.exists() and (
+        str(source).startswith((".", "/", "~")) or str(source).count("/") > 1
+    ):
+        raise UserError(f"checkpoint folder not found: {path}")
+    from gpt2.hf import load_hf  # imported only for Hugging Face models: it is large
+
+    return load_hf(path if path.exists() else str(source), device)

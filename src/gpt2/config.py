@@ -1,7 +1,7 @@
 """Configuration: the model's shape (`GPTConfig`) and how to train it (`TrainConfig`).
 
 The two are kept apart on purpose: a checkpoint's architecture must not change when a user
-changes the learning rate, and a preset such as ``gpt2`` names a shape, never an optimiser.
+changes the learning rate, and a preset such as ``gpt2`` names a shape, never an optimizer.
 
 Every field carries a ``help`` string in its metadata; the command line builds its flags
 from these, so a field documented here is documented in ``gpt2 train --help`` too.
@@ -107,7 +107,8 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "char-small": dict(n_layer=4, n_head=4, n_embd=128, block_size=64),
     # A few-second model for tests and smoke runs.
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=32),
-    # nanoGPT's GPU character recipe (about 2.7M parameters besides the embeddings).
+    # A bigger character model, still quick on a CPU: 6 blocks of width 192, context 256 (about
+    # 2.7M parameters besides the embeddings). Not nanoGPT's GPU recipe, which is 6 x 6 x 384.
     "char-medium": dict(n_layer=6, n_head=6, n_embd=192, block_size=256),
 }
 
@@ -129,7 +130,7 @@ class TrainConfig:
         "start from these weights: a checkpoint folder or a Hugging Face GPT-2 name/folder",
         default="",
     )
-    max_iters: int = _help("optimiser steps to run", default=2000)
+    max_iters: int = _help("optimizer steps to run", default=2000)
     batch_size: int = _help("sequences per micro-batch on each process", default=12)
     learning_rate: float = _help("peak learning rate, reached after the warm-up", default=1e-3)
     min_lr: float = _help("learning rate at the end of the cosine decay", default=1e-4)
@@ -152,7 +153,7 @@ class TrainConfig:
     num_threads: int = _help("CPU threads for torch (0: torch's default)", default=0)
     # Scale, precision and distribution (see docs/training.md).
     total_batch_tokens: int = _help(
-        "tokens per optimiser step over all processes; the micro-batches (batch_size x "
+        "tokens per optimizer step over all processes; the micro-batches (batch_size x "
         "block_size on each process) are accumulated to reach it (0: one micro-batch each)",
         default=0,
     )

@@ -176,6 +176,38 @@ def last_safe_cut(data: bytes) -> int:
     return 0
 
 
+def read_text(path: str | Path) -> str:
+    """The UTF-8 text of ``path``, or a `UserError` saying why it cannot be used."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"input file not found: {path}")
+    if not path.is_file():
+        raise UserError(f"input is not a file: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    if not text.strip():
+        raise UserError(f"input file is empty: {path}")
+    return text
+
+
+def text_chunks(text: str, size: int = 1 << 20) -> Iterator[str]:
+    """Pieces of about ``size`` characters, cut only where GPT-2's pre-tokenizer gives the same
+    words on both sides as on the whole text (`SAFE_CUT_TEXT`), so that encoding the
+    pieces one by one gives exactly the ids of the whole, with progress to show.
+
+    (A cut after any newline is not enough: ``"a\n\nb"`` is ``a``, ``\n``, ``\n``, ``b`` whole,
+    but ``"a\n\n"`` alone ends in the one token ``\n\n``.)
+    """
+    start = 0
+    while start < len(text):
+        match = SAFE_CUT_TEXT.search(text, start + size) if start + size < len(text) else None
+        end = match.end() if match else len(text)
+        yield text[start:end]
+        start = end
+
+
 # A reader yields (text, ends_doc, next_offset, next_line) from a source, from an offset.
 Raw = tuple[str, bool, int, int]
 

@@ -3,7 +3,7 @@
 ``torchrun --nproc_per_node=N -m gpt2 train ...`` starts N copies of the program and tells each
 its place through environment variables (RANK, LOCAL_RANK, WORLD_SIZE). Each copy holds the whole
 model (DDP) or a 1/N shard of it (FSDP), reads its own slice of every batch (`gpt2.loader`), and
-the gradients are averaged across copies before each optimiser step. The backend is NCCL between
+the gradients are averaged across copies before each optimizer step. The backend is NCCL between
 GPUs and gloo between CPU processes. Run without torchrun, everything here is a no-op.
 """
 

@@ -24,7 +24,6 @@ points at a local copy instead.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -41,9 +40,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from gpt2.assets import ASSETS, fetch, sha256_file
-from gpt2.data import META_FILE, read_text, token_dtype
+from gpt2.corpus import read_text
 from gpt2.errors import UserError
+from gpt2.files import read_jsonl
 from gpt2.model import GPT
+from gpt2.shards import open_shard
 from gpt2.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 
 TASKS = ("perplexity", "hellaswag", "lambada")
@@ -185,25 +186,9 @@ def resolve_data(task: str, data: str | Path | None) -> DataSource:
     return DataSource(path, sha256_file(path))
 
 
-def read_jsonl(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
-    """The first ``limit`` JSON objects of a JSON-lines file (blank lines skipped)."""
-    items: list[dict[str, Any]] = []
-    try:
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if limit is not None and len(items) >= limit:
-                    break
-                if not line.strip():
-                    continue
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(item, dict):
-                    raise UserError(f"{path}:{lineno}: expected a JSON object")
-                items.append(item)
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+def read_items(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """The first ``limit`` items of a benchmark's JSON Lines file; none is an error."""
+    items = read_jsonl(path, limit)
     if not items:
         raise UserError(f"{path} has no items")
     return items
@@ -362,41 +347,16 @@ def read_eval_text(path: Path) -> str:
         raise UserError(f"{path}: the text inside is not UTF-8 (byte {e.start})") from None
 
 
-def _is_llmc_shard(path: Path) -> bool:
-    from gpt2.shards import MAGIC  # the shard writer, imported only for token files
-
-    with path.open("rb") as f:
-        head = f.read(4)
-    return len(head) == 4 and int(np.frombuffer(head, dtype="<i4")[0]) == MAGIC
-
-
 def read_token_file(path: Path, tokenizer: Tokenizer) -> np.ndarray:
-    """A ``.bin`` token file: an llm.c-format shard (a 256-int header, then the tokens), or the
-    headerless ids of ``gpt2 prepare``, whose dtype comes from the ``meta.json`` beside it (else
-    the smallest that holds the tokenizer's ids). A ``tokenizer.json`` beside it must be the
-    model's."""
+    """A ``.bin`` token shard (`gpt2.shards`, llm.c's format). A ``tokenizer.json`` beside it
+    must be the model's."""
     folder = path.parent
     beside = load_tokenizer(folder) if (folder / TOKENIZER_FILE).is_file() else None
     if beside is not None and beside.to_dict() != tokenizer.to_dict():
         raise UserError(
             f"{path} was tokenized by {folder / TOKENIZER_FILE}, not the model's tokenizer"
         )
-    if _is_llmc_shard(path):
-        from gpt2.shards import open_shard
-
-        tokens = np.asarray(open_shard(path), dtype=np.int64)
-    else:
-        dtype = token_dtype(tokenizer.vocab_size)
-        if (folder / META_FILE).is_file():
-            try:
-                meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
-                dtype = np.dtype(meta["dtype"])
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise UserError(f"{folder / META_FILE} is not a valid meta file: {e}") from None
-        size = path.stat().st_size
-        if size == 0 or size % dtype.itemsize:
-            raise UserError(f"{path} is empty or not a whole number of {dtype.name} tokens")
-        tokens = np.fromfile(path, dtype=dtype).astype(np.int64)
+    tokens = np.asarray(open_shard(path), dtype=np.int64)
     if len(tokens) and tokens.max() >= tokenizer.vocab_size:
         raise UserError(
             f"{path} holds id {tokens.max()}, outside the vocabulary of {tokenizer.vocab_size}"
@@ -485,7 +445,7 @@ def load_hellaswag(
         raise UserError(f"unknown HellaSwag style {style!r}; known: {', '.join(HELLASWAG_STYLES)}")
     path = source.path
     items = []
-    for i, raw in enumerate(read_jsonl(path, limit)):
+    for i, raw in enumerate(read_items(path, limit)):
         endings = _field(raw, "endings", path, i, list)
         if len(endings) < 2 or not all(isinstance(e, str) and e for e in endings):
             raise UserError(f"{path} item {i + 1}: 'endings' must be two or more non-empty strings")
@@ -546,7 +506,7 @@ class LambadaTask(Task):
 def load_lambada(tokenizer: Tokenizer, source: DataSource, limit: int | None) -> LambadaTask:
     path = source.path
     items = []
-    for i, raw in enumerate(read_jsonl(path, limit)):
+    for i, raw in enumerate(read_items(path, limit)):
         text = _field(raw, "text", path, i, str)
         if " " not in text.strip():
             raise UserError(f"{path} item {i + 1}: the text needs a context and a last word")
@@ -584,21 +544,10 @@ def load_task(
     return load_lambada(tokenizer, source, limit)
 
 
-def evaluate_task(
-    model: GPT,
-    tokenizer: Tokenizer,
-    task: str,
-    data: str | Path | None = None,
-    limit: int | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    stride: int | None = None,
-    style: str = "harness",
-    show_progress: bool = False,
-) -> dict[str, float]:
+def evaluate_task(model: GPT, tokenizer: Tokenizer, task: str, **options: Any) -> dict[str, float]:
     """One call: load ``task`` and return its figures for ``model`` (dropout is off while scoring
-    and the model's train/eval mode is restored afterwards)."""
-    loaded = load_task(task, tokenizer, data, limit, stride, style)
-    return loaded.evaluate(model, batch_size, show_progress)
+    and the model's train/eval mode is restored afterwards); ``options`` are `run_eval`'s."""
+    return run_eval(model, tokenizer, task, model_name="", **options).metrics
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,28 +21,29 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from gpt2.config import GPTConfig, padded_vocab_size
 from gpt2.errors import UserError
+from gpt2.files import atomic_file, read_json, write_json
 from gpt2.model import GPT
-from gpt2.tokenizer import (
-    EOT_TEXT,
-    TOKENIZER_FILE,
-    CharTokenizer,
-    GPT2Tokenizer,
-    Tokenizer,
-    tokenizer_from_dict,
+from gpt2.tokenizer import Tokenizer
+from gpt2.tokenizer_hf import (
+    GPT2_VOCAB_SIZE,
+    MERGES_FILE,
+    TOKENIZER_CONFIG_FILE,
+    VOCAB_FILE,
+    check_exportable,
+    check_vocab_fits,
+    load_hf_tokenizer,
+    save_hf_tokenizer,
 )
 
 log = logging.getLogger(__name__)
@@ -53,18 +54,6 @@ SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_FILE = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
-VOCAB_FILE = "vocab.json"
-MERGES_FILE = "merges.txt"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-# Tokenizer files that Hugging Face reads; an export removes the ones it does not write, so that a
-# stale file from an earlier export never shadows the tokenizer written now.
-HF_TOKENIZER_FILES = (
-    TOKENIZER_FILE,
-    VOCAB_FILE,
-    MERGES_FILE,
-    TOKENIZER_CONFIG_FILE,
-    "special_tokens_map.json",
-)
 
 # The short names OpenAI's models are known by, and where the Hub keeps them today.
 HUB_ALIASES = {
@@ -100,7 +89,6 @@ HEAD_KEY = "lm_head.weight"
 # Names transformers gives the tanh approximation of GELU, the activation this model computes.
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, and GPT-2's
-GPT2_VOCAB_SIZE = 50257
 # GPT2Config's defaults, used for fields a config.json leaves out.
 HF_DEFAULTS: dict[str, Any] = {
     "vocab_size": GPT2_VOCAB_SIZE,
@@ -122,17 +110,10 @@ HF_DEFAULTS: dict[str, Any] = {
 # --- the public interface -------------------------------------------------------------------
 
 
-def load_pretrained(
-    source: str | Path, device: str | torch.device = "cpu"
-) -> tuple[GPT, Tokenizer]:
-    """The model and tokenizer from ``source``: a Hugging Face GPT-2 folder, a Hub name (``gpt2``,
-    ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``, ``org/name``), or one of our own checkpoints."""
-    from gpt2.checkpoint import load_checkpoint
-
-    own = own_checkpoint_dir(source)
-    if own is not None:
-        ckpt = load_checkpoint(own, device)
-        return ckpt.model, ckpt.tokenizer
+def load_hf(source: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
+    """The model and tokenizer of a Hugging Face GPT-2 folder or a Hub name (``gpt2``,
+    ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``, ``org/name``). `gpt2.checkpoint.load_model`
+    takes these and our own checkpoints."""
     folder = resolve_source(source)
     model = _load_hf_model(folder)
     tokenizer = load_hf_tokenizer(folder, model.config.vocab_size)
@@ -141,7 +122,7 @@ def load_pretrained(
 
 def from_pretrained(source: str | Path, device: str | torch.device = "cpu") -> GPT:
     """The model alone (`GPT.from_pretrained`): a folder without tokenizer files is fine here."""
-    from gpt2.checkpoint import load_checkpoint
+    from gpt2.checkpoint import load_checkpoint, own_checkpoint_dir
 
     own = own_checkpoint_dir(source)
     if own is not None:
@@ -164,12 +145,14 @@ def save_pretrained(model: GPT, folder: str | Path, tokenizer: Tokenizer | None 
     then loads every weight, with none missing or unexpected. Without a tokenizer only the model
     files are written, as ``transformers``' own ``save_pretrained`` does.
     """
+    from gpt2.checkpoint import own_checkpoint_dir
+
     folder = Path(folder)
     if own_checkpoint_dir(folder) is not None:  # its config.json would be overwritten or shadowed
         raise UserError(f"{folder} holds a gpt2 checkpoint; export to another folder")
     if tokenizer is not None:
-        _check_exportable(tokenizer)
-        _check_vocab_fits(tokenizer, model.config.vocab_size, str(folder))
+        check_exportable(tokenizer)
+        check_vocab_fits(tokenizer, model.config.vocab_size, str(folder))
     folder.mkdir(parents=True, exist_ok=True)
     eot = tokenizer.eot_token if tokenizer is not None else None
     if eot is not None and eot >= model.config.vocab_size:
@@ -187,9 +170,11 @@ def save_pretrained(model: GPT, folder: str | Path, tokenizer: Tokenizer | None 
             n,
         )
         config = GPTConfig(**{**config.to_dict(), "vocab_size": n})
-    _save_safetensors(state, folder / SAFETENSORS_FILE)
-    _write_json(folder / CONFIG_FILE, hf_config(config, eot))
-    _write_json(folder / GENERATION_CONFIG_FILE, {"bos_token_id": eot, "eos_token_id": eot})
+    with atomic_file(folder / SAFETENSORS_FILE) as tmp:
+        # transformers refuses a safetensors file whose metadata does not name its framework.
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    write_json(folder / CONFIG_FILE, hf_config(config, eot))
+    write_json(folder / GENERATION_CONFIG_FILE, {"bos_token_id": eot, "eos_token_id": eot})
     if tokenizer is not None:
         save_hf_tokenizer(tokenizer, folder, model.config.block_size)
     return folder
@@ -209,24 +194,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, force: bool = Fal
 
 
 # --- where the files are --------------------------------------------------------------------
-
-
-def own_checkpoint_dir(source: str | Path) -> Path | None:
-    """The folder of one of our checkpoints at ``source`` (or a run folder's newest), else None.
-
-    Ours and Hugging Face's both call their config ``config.json``; ours has ``format`` and
-    ``model`` keys, theirs a ``model_type``.
-    """
-    from gpt2.checkpoint import resolve_checkpoint_dir
-
-    if not Path(source).is_dir():
-        return None
-    try:
-        folder = resolve_checkpoint_dir(source)
-    except UserError:  # no config.json anywhere: not ours
-        return None
-    data = _read_json(folder / CONFIG_FILE)
-    return folder if isinstance(data, dict) and "format" in data and "model" in data else None
 
 
 def resolve_source(source: str | Path) -> Path:
@@ -280,10 +247,7 @@ def download_from_hub(repo_id: str) -> Path:
 
 def read_hf_config(folder: Path) -> dict[str, Any]:
     """The JSON object in ``folder/config.json``."""
-    data = _read_json(folder / CONFIG_FILE)
-    if not isinstance(data, dict):
-        raise UserError(f"{folder / CONFIG_FILE} is not a JSON object")
-    return data
+    return read_json(folder / CONFIG_FILE)
 
 
 def config_from_hf(data: dict[str, Any], where: str = CONFIG_FILE) -> GPTConfig:
@@ -417,7 +381,7 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_shards(folder: Path, index_name: str, read: Any) -> dict[str, torch.Tensor]:
-    index = _read_json(folder / index_name)
+    index = read_json(folder / index_name)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise UserError(f"{folder / index_name} has no weight_map")
@@ -535,195 +499,6 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     return out
 
 
-# --- the tokenizer --------------------------------------------------------------------------
-
-
-def load_hf_tokenizer(folder: Path, vocab_size: int) -> Tokenizer:
-    """The tokenizer of a Hugging Face folder: ``vocab.json`` + ``merges.txt``, else
-    ``tokenizer.json``, else GPT-2's."""
-    tokenizer = _tokenizer_in(folder, vocab_size)
-    _check_vocab_fits(tokenizer, vocab_size, str(folder))
-    return tokenizer
-
-
-def _tokenizer_in(folder: Path, vocab_size: int) -> Tokenizer:
-    vocab_path, merges_path = folder / VOCAB_FILE, folder / MERGES_FILE
-    if vocab_path.is_file() and merges_path.is_file():
-        vocab = _read_json(vocab_path)
-        merges = _merges_from_lines(merges_path.read_text(encoding="utf-8").splitlines())
-        return _bpe_tokenizer(vocab, merges, folder, (vocab_path, merges_path))
-    path = folder / TOKENIZER_FILE
-    if path.is_file():
-        data = _read_json(path)
-        if isinstance(data, dict) and "type" in data:  # our own format, copied alongside
-            return tokenizer_from_dict(data)
-        return _tokenizer_from_hf_json(data, path)
-    if vocab_size < GPT2_VOCAB_SIZE:
-        raise UserError(
-            f"{folder} has no tokenizer files ({VOCAB_FILE} + {MERGES_FILE}, or {TOKENIZER_FILE}), "
-            f"and GPT-2's {GPT2_VOCAB_SIZE} ids do not fit the model's {vocab_size} embeddings"
-        )
-    log.info("%s has no tokenizer files; using GPT-2's", folder)
-    return GPT2Tokenizer()
-
-
-def _tokenizer_from_hf_json(data: Any, path: Path) -> Tokenizer:
-    """A `tokenizers` ``tokenizer.json``: GPT-2-style byte-level BPE, or a character vocabulary
-    (what `save_hf_tokenizer` writes for a `CharTokenizer`)."""
-    model = data.get("model") if isinstance(data, dict) else None
-    if not isinstance(model, dict) or model.get("type") != "BPE":
-        kind = model.get("type") if isinstance(model, dict) else None
-        raise UserError(
-            f"{path}: a {kind or 'unknown'} tokenizer; only byte-level BPE and characters load here"
-        )
-    vocab = dict(model.get("vocab") or {})
-    for added in data.get("added_tokens") or []:
-        vocab.setdefault(added["content"], added["id"])
-    merges = _merges_from_lines(
-        " ".join(m) if isinstance(m, list) else m for m in model.get("merges") or []
-    )
-    pre = data.get("pre_tokenizer")
-    if pre is None and not merges:
-        return _char_tokenizer(vocab, path)
-    if not isinstance(pre, dict) or pre.get("type") != "ByteLevel":
-        raise UserError(f"{path}: the BPE is not byte-level like GPT-2's; it cannot be loaded here")
-    return _bpe_tokenizer(vocab, merges, path.parent, None)
-
-
-def _char_tokenizer(vocab: dict[str, int], path: Path) -> CharTokenizer:
-    chars = sorted(vocab)
-    if any(len(c) != 1 for c in chars) or [vocab[c] for c in chars] != list(range(len(chars))):
-        raise UserError(
-            f"{path}: a vocabulary without merges that is not one id per character, in order"
-        )
-    return CharTokenizer(chars)
-
-
-def _bpe_tokenizer(
-    vocab: Any, merges: tuple[str, ...], folder: Path, files: tuple[Path, Path] | None
-) -> Tokenizer:
-    """GPT-2's tokenizer when the vocabulary and merges are GPT-2's, else our own BPE."""
-    if not isinstance(vocab, dict):
-        raise UserError(f"{folder}: {VOCAB_FILE} is not a JSON object of token -> id")
-    gpt2_vocab, gpt2_merges = gpt2_vocab_and_merges()
-    if vocab == gpt2_vocab and merges == gpt2_merges:
-        return GPT2Tokenizer()
-    try:
-        from gpt2.bpe import BPETokenizer  # issue 3: byte-level BPE with any vocabulary
-    except ImportError:
-        raise UserError(
-            f"{folder} has a BPE vocabulary of {len(vocab)} tokens that is not GPT-2's; this version "
-            "of gpt2 can only load GPT-2's own vocabulary"
-        ) from None
-    if files is not None:
-        return BPETokenizer.from_hf_files(*files)
-    with tempfile.TemporaryDirectory() as tmp:  # from tokenizer.json: write the pair it reads
-        vocab_path, merges_path = Path(tmp, VOCAB_FILE), Path(tmp, MERGES_FILE)
-        vocab_path.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-        merges_path.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-        return BPETokenizer.from_hf_files(vocab_path, merges_path)
-
-
-def _merges_from_lines(lines: Any) -> tuple[str, ...]:
-    """Merges as "left right" strings, without the ``#version`` header or blank lines."""
-    return tuple(line for line in lines if line.strip() and not line.startswith("#version"))
-
-
-@lru_cache(maxsize=1)
-def gpt2_vocab_and_merges() -> tuple[dict[str, int], tuple[str, ...]]:
-    """GPT-2's ``encoder.json`` and the merges of ``vocab.bpe``, from the asset cache."""
-    from gpt2.assets import fetch
-
-    vocab = json.loads(fetch("gpt2-tokenizer/encoder.json").read_text(encoding="utf-8"))
-    lines = fetch("gpt2-tokenizer/vocab.bpe").read_text(encoding="utf-8").splitlines()
-    return vocab, _merges_from_lines(lines)
-
-
-def _check_vocab_fits(tokenizer: Tokenizer, vocab_size: int, where: str) -> None:
-    if tokenizer.vocab_size > vocab_size:
-        raise UserError(
-            f"{where}: the tokenizer has {tokenizer.vocab_size} ids but the model only {vocab_size} "
-            "token embeddings"
-        )
-
-
-def _check_exportable(tokenizer: Tokenizer) -> None:
-    if not isinstance(tokenizer, (GPT2Tokenizer, CharTokenizer)) and not hasattr(
-        tokenizer, "save_hf"
-    ):
-        raise UserError(
-            f"the {tokenizer.kind!r} tokenizer has no Hugging Face form in this version; only GPT-2's "
-            "BPE and character vocabularies export"
-        )
-
-
-def save_hf_tokenizer(tokenizer: Tokenizer, folder: Path, block_size: int) -> None:
-    """Write ``tokenizer`` as ``transformers.AutoTokenizer`` reads it.
-
-    GPT-2's BPE becomes ``vocab.json`` + ``merges.txt`` (the files OpenAI published, byte for
-    byte). A character vocabulary becomes a `tokenizers` ``tokenizer.json``: a BPE with no
-    merges and no pre-tokenizer splits text into single characters, and the ``Fuse`` decoder
-    joins them back with nothing between. A character it never saw is dropped there, where
-    `CharTokenizer` raises an error.
-    """
-    _check_exportable(tokenizer)
-    for name in HF_TOKENIZER_FILES:
-        (folder / name).unlink(missing_ok=True)
-    settings: dict[str, Any] = {
-        "model_max_length": block_size,
-        "clean_up_tokenization_spaces": False,
-    }
-    if isinstance(tokenizer, GPT2Tokenizer):
-        from gpt2.assets import fetch
-
-        _copy_file(fetch("gpt2-tokenizer/encoder.json"), folder / VOCAB_FILE)
-        _copy_file(fetch("gpt2-tokenizer/vocab.bpe"), folder / MERGES_FILE)
-        special = {f"{k}_token": EOT_TEXT for k in ("bos", "eos", "unk")}
-        settings = {
-            "tokenizer_class": "GPT2Tokenizer",
-            **special,
-            "add_prefix_space": False,
-            **settings,
-        }
-    elif isinstance(tokenizer, CharTokenizer):
-        _write_json(folder / TOKENIZER_FILE, _char_tokenizer_json(tokenizer))
-        settings = {"tokenizer_class": "PreTrainedTokenizerFast", **settings}
-    else:
-        tokenizer.save_hf(folder)  # type: ignore[attr-defined]  # our own BPE (gpt2.bpe)
-        if (folder / TOKENIZER_CONFIG_FILE).is_file():
-            return
-        settings = {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False, **settings}
-        if tokenizer.eot_token is not None:
-            eot_text = tokenizer.decode([tokenizer.eot_token])
-            settings.update({f"{k}_token": eot_text for k in ("bos", "eos", "unk")})
-    _write_json(folder / TOKENIZER_CONFIG_FILE, settings)
-
-
-def _char_tokenizer_json(tokenizer: CharTokenizer) -> dict[str, Any]:
-    return {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": [],
-        "normalizer": None,
-        "pre_tokenizer": None,
-        "post_processor": None,
-        "decoder": {"type": "Fuse"},
-        "model": {
-            "type": "BPE",
-            "dropout": None,
-            "unk_token": None,
-            "continuing_subword_prefix": None,
-            "end_of_word_suffix": None,
-            "fuse_unk": False,
-            "byte_fallback": False,
-            "ignore_merges": False,
-            "vocab": dict(tokenizer.stoi),
-            "merges": [],
-        },
-    }
-
-
 # --- files ----------------------------------------------------------------------------------
 
 
@@ -735,37 +510,3 @@ def _first_line(e: Exception) -> str:
 
 def _has_safetensors(folder: Path) -> bool:
     return (folder / SAFETENSORS_FILE).is_file() or (folder / SAFETENSORS_INDEX).is_file()
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
-
-
-def _atomic_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp")
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = _atomic_path(path)
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _copy_file(source: Path, path: Path) -> None:
-    tmp = _atomic_path(path)
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, path)
-
-
-def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    tmp = _atomic_path(path)
-    # transformers refuses a safetensors file whose metadata does not say which framework wrote it.
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)

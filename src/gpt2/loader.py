@@ -11,7 +11,7 @@ that sequence is computed directly (a Feistel network; no permutation is ever st
 * the loader's whole state is one number, the count of windows already consumed, and resuming
   from a checkpoint reads exactly the windows the uninterrupted run would have read;
 * a 10B-token corpus costs no more memory than TinyShakespeare;
-* ranks share the sequence without talking: optimiser step ``s`` consumes the next
+* ranks share the sequence without talking: optimizer step ``s`` consumes the next
   ``world_size * accum_steps * batch_size`` windows, and micro-step ``a`` of rank ``r`` takes
   slice ``a * world_size + r`` of them. Two ranks with one micro-step each therefore read the
   same windows as one process with two micro-steps, which makes the two runs comparable.
@@ -143,7 +143,7 @@ class WindowSequence:
 
 @dataclass(frozen=True)
 class Layout:
-    """How one optimiser step's windows are split: micro-batch size, micro-steps, ranks."""
+    """How one optimizer step's windows are split: micro-batch size, micro-steps, ranks."""
 
     batch_size: int
     accum_steps: int = 1
@@ -172,7 +172,7 @@ class TrainBatches:
         self.position = 0
 
     def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's ``accum_steps`` micro-batches for the next optimiser step."""
+        """This rank's ``accum_steps`` micro-batches for the next optimizer step."""
         start, lay = self.position, self.layout
         micro = [
             self.sequence.batch(lay.first_window(start, a), lay.batch_size)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import sys
 from pathlib import Path
@@ -19,8 +18,9 @@ from typing import Any
 import torch
 
 from gpt2.config import GPTConfig
+from gpt2.device import cpu_peak_flops
 from gpt2.errors import UserError
-from gpt2.precision import cpu_peak_flops
+from gpt2.files import write_text
 
 # Dense peak TFLOP/s by precision, matched against torch.cuda.get_device_name() (first match wins,
 # so the more specific names come first). "float32" is the non-tensor-core figure.
@@ -113,9 +113,7 @@ class MetricsLog:
                 for line in path.read_text(encoding="utf-8").splitlines()
                 if _step_of(line) <= resume_step
             ]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-            os.replace(tmp, path)
+            write_text(path, "".join(line + "\n" for line in kept))
             self.file = path.open("a", encoding="utf-8")
         else:
             self.file = path.open("w", encoding="utf-8")

@@ -207,33 +207,10 @@ class GPT(nn.Module):
         wpe.weight = nn.Parameter(wpe.weight.data[:block_size].clone())
         wpe.num_embeddings = block_size
 
-    def configure_optimizer(
-        self,
-        weight_decay: float,
-        learning_rate: float,
-        betas: tuple[float, float],
-        device_type: str,
-    ) -> torch.optim.AdamW:
-        """AdamW with weight decay on matrices and embeddings only.
-
-        Biases and LayerNorm gains are 1-D; decaying them towards zero only hurts (they set
-        scales and offsets, not feature detectors), so every parameter of dim < 2 is exempt.
-        """
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        # The fused kernel does the whole update in one launch on CUDA; elsewhere foreach.
-        extra = {"fused": True} if device_type == "cuda" else {"foreach": True}
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
-
     @classmethod
     def from_pretrained(cls, name_or_path: str, device: str | torch.device = "cpu") -> GPT:
         """GPT-2 weights from a Hugging Face folder or Hub name (``gpt2``, ``gpt2-xl``, ``org/name``),
-        or one of our checkpoints; `gpt2.hf.load_pretrained` also returns the tokenizer."""
+        or one of our checkpoints; `gpt2.checkpoint.load_model` also returns the tokenizer."""
         from gpt2.hf import from_pretrained  # imported here: gpt2.hf imports this module
 
         return from_pretrained(name_or_path, device)

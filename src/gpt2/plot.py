@@ -7,13 +7,13 @@ its object API on the Agg canvas, so no GUI backend and no global pyplot state i
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from gpt2.errors import UserError
+from gpt2.files import atomic_file
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -74,7 +74,6 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     lr_ax.grid(alpha=0.3)
     fig.suptitle(str(run_dir))
 
-    tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, dpi=100, format="png")
-    os.replace(tmp, out)
+    with atomic_file(out) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     return out

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from functools import lru_cache
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from gpt2.errors import UserError
+from gpt2.files import read_json, write_json
 
 TOKENIZER_FILE = "tokenizer.json"
 EOT_TEXT = "<|endoftext|>"
@@ -56,11 +56,7 @@ class Tokenizer(ABC):
 
     def save(self, folder: str | Path) -> Path:
         """Write ``tokenizer.json`` into ``folder`` (atomically) and return its path."""
-        path = Path(folder) / TOKENIZER_FILE
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return write_json(Path(folder) / TOKENIZER_FILE, self.to_dict(), indent=None)
 
 
 class CharTokenizer(Tokenizer):
@@ -228,11 +224,7 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
     path = Path(folder) / TOKENIZER_FILE
     if not path.is_file():
         raise UserError(f"no {TOKENIZER_FILE} in {folder}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
-    return tokenizer_from_dict(data)
+    return tokenizer_from_dict(read_json(path))
 
 
 def get_tokenizer(name: str, text: str | None = None) -> Tokenizer:

@@ -3,7 +3,7 @@
 `Trainer` holds a run's state (model, optimizer, data) so that each step of the loop is a small
 method a reader can follow and a test can call; nothing here lives in module globals.
 
-One optimiser step, on each of ``world_size`` processes (see `gpt2.distributed`):
+One optimizer step, on each of ``world_size`` processes (see `gpt2.distributed`):
 
     for each of accum_steps micro-batches (batch_size x block_size tokens each):
         loss = model(x, y) / accum_steps;  loss.backward()   # gradients add up
@@ -22,7 +22,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import random
 import signal
 import threading
 import time
@@ -31,22 +30,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from gpt2 import distributed
-from gpt2.assets import fetch
 from gpt2.checkpoint import (
     CHECKPOINT_SUBDIR,
     Checkpoint,
     RunCheckpoints,
+    capture_rng,
+    load_model,
     load_resumable,
     resolve_checkpoint_dir,
+    restore_rng,
     save_checkpoint,
+    seed_rngs,
 )
 from gpt2.config import GPTConfig, TrainConfig, padded_vocab_size
-from gpt2.data import load_split_shards, prepare, read_meta
+from gpt2.device import resolve_device, resolve_dtype
 from gpt2.errors import UserError
 from gpt2.evaluate import Task, load_task
 from gpt2.generate import generate
@@ -59,31 +60,14 @@ from gpt2.metrics import (
     precision_name,
 )
 from gpt2.model import GPT
-from gpt2.precision import resolve_dtype
+from gpt2.shards import SPLITS, load_split, read_meta
 from gpt2.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DATA_DIR = Path("data/shakespeare-char")
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"
 MAX_SKIPS_IN_A_ROW = 10  # --on-nan skip gives up after this many bad steps in a row
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA, then Apple's MPS, then the CPU; anything else is checked to exist."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("device cuda was asked for, but torch sees no CUDA GPU")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError("device mps was asked for, but it is not available")
-    return device
 
 
 def learning_rate_at(step: int, cfg: TrainConfig) -> float:
@@ -99,7 +83,7 @@ def learning_rate_at(step: int, cfg: TrainConfig) -> float:
 
 
 def accumulation_steps(total_batch_tokens: int, micro_tokens: int, world_size: int) -> int:
-    """Micro-steps per optimiser step so that ``world_size`` processes of ``micro_tokens``
+    """Micro-steps per optimizer step so that ``world_size`` processes of ``micro_tokens``
     tokens each reach ``total_batch_tokens`` (0: one micro-step)."""
     if total_batch_tokens == 0:
         return 1
@@ -112,41 +96,6 @@ def accumulation_steps(total_batch_tokens: int, micro_tokens: int, world_size: i
             f"batch_size"
         )
     return total_batch_tokens // per_pass
-
-
-def default_data_dir() -> Path:
-    """TinyShakespeare as characters, prepared on first use: the built-in demo's data."""
-    if not (DEFAULT_DATA_DIR / "meta.json").is_file():
-        source = fetch("tinyshakespeare/input.txt")
-        log.info("preparing %s as characters in %s", source, DEFAULT_DATA_DIR)
-        prepare(source, DEFAULT_DATA_DIR, tokenizer="char")
-    return DEFAULT_DATA_DIR
-
-
-def split_arrays(data_dir: Path, split: str) -> list[np.ndarray]:
-    """The token arrays of a split: one per shard (a single-file split gives one)."""
-    return load_split_shards(data_dir, split)
-
-
-def capture_rng() -> dict[str, Any]:
-    """Every random generator this process draws from, as plain values and tensors."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class StopRequest:
@@ -208,23 +157,11 @@ class Trainer:
         show_progress: bool = True,
     ) -> None:
         self.cfg = cfg
-        if cfg.num_threads:
-            torch.set_num_threads(cfg.num_threads)
-        self.env = distributed.env_from_torchrun()
-        self.device = distributed.setup(self.env, resolve_device(cfg.device))
-        self.is_main = self.env.is_main
+        self._set_up_device()
         self.show_progress = show_progress and self.is_main
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
-            torch.backends.cudnn.allow_tf32 = cfg.tf32
-        self.data_dir = Path(cfg.data) if cfg.data else default_data_dir()
-        meta = read_meta(self.data_dir)
+        self.data_dir, meta = self._open_data()
         self.tokenizer = load_tokenizer(self.data_dir)
-        # The benchmark of --eval-task, read once now: a bad file stops the run before step 1.
-        self.eval_task: Task | None = None
-        if cfg.eval_task:
-            limit = cfg.eval_limit or None
-            self.eval_task = load_task(cfg.eval_task, self.tokenizer, cfg.eval_data or None, limit)
+        self.eval_task = self._load_eval_task()
         self.out_dir = Path(cfg.out_dir)
         self.checkpoints = RunCheckpoints(self.out_dir, cfg.keep_last)
         resume_from = self._checkpoint_to_resume()
@@ -232,54 +169,17 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every process
         model = self._build_model(meta, model_overrides or {}, resume_from)
         self.model = model.to(self.device)
-        block = self.model.config.block_size
-        self.precision = resolve_dtype(cfg.dtype, self.device, self.model.config.n_embd)
-        self.dtype = self.precision.dtype
-        if self.is_main:
-            log.info("dtype: %s (%s)", self.precision.name, self.precision.reason)
-        # The checkpoint records what ran, not "auto": a resume elsewhere can see the change.
-        self.cfg = cfg = dataclasses.replace(cfg, dtype=self.precision.name)
+        self._choose_precision()
         self.flops_per_token = flops_per_token(
             model.config, model.num_parameters(non_embedding=True)
         )
-        # From here on each process draws its own numbers (dropout differs across processes).
-        rank_seed = cfg.seed + self.env.rank
-        random.seed(rank_seed)
-        np.random.seed(rank_seed)
-        torch.manual_seed(rank_seed)
-
-        self.micro_tokens = cfg.batch_size * block
-        self.accum_steps = accumulation_steps(
-            cfg.total_batch_tokens, self.micro_tokens, self.env.world_size
-        )
-        layout = Layout(cfg.batch_size, self.accum_steps, self.env.rank, self.env.world_size)
-        self.tokens_per_step = layout.windows_per_step * block
-        train_arrays = split_arrays(self.data_dir, "train")
-        val_arrays = split_arrays(self.data_dir, "val")
-        self.batches = TrainBatches(
-            WindowSequence(train_arrays, block, cfg.seed, "the train split"), layout
-        )
-        # Fixed batches make successive loss estimates comparable (the same text every time).
-        per_rank = -(-cfg.eval_iters // self.env.world_size)
-        rank, world = self.env.rank, self.env.world_size
-        self.eval_batches = {
-            split: fixed_batches(
-                WindowSequence(arrays, block, cfg.seed + offset, f"the {split} split"),
-                cfg.batch_size,
-                per_rank * world,
-                rank,
-                world,
-            )
-            for split, arrays, offset in (("train", train_arrays, 1), ("val", val_arrays, 2))
-        }
+        seed_rngs(cfg.seed + self.env.rank)  # from here on each process draws its own numbers
+        self._build_batches()
 
         self.wrapped = distributed.wrap_model(self.model, self.env, self.device, cfg.fsdp)
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.train_model = torch.compile(self.wrapped) if cfg.compile else self.wrapped
-        # On the CPU the loss is computed a chunk of rows at a time (never the whole logits
-        # tensor), in float32 under autocast too; GPUs take the plain path.
-        self.chunked_loss = self.device.type == "cpu"
         self.step = 0
         self.best_val_loss = math.inf
         self.skips_in_a_row = 0
@@ -290,6 +190,73 @@ class Trainer:
             self.checkpoints.replace_earlier_run()
 
     # --- building --------------------------------------------------------------------------
+
+    def _set_up_device(self) -> None:
+        """This process's place in the run, its device and precision (`gpt2.device`)."""
+        cfg = self.cfg
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        self.env = distributed.env_from_torchrun()
+        self.device = distributed.setup(self.env, resolve_device(cfg.device))
+        self.is_main = self.env.is_main
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+            torch.backends.cudnn.allow_tf32 = cfg.tf32
+        # On the CPU the loss is computed a chunk of rows at a time (never the whole logits
+        # tensor), in float32 under autocast too; GPUs take the plain path.
+        self.chunked_loss = self.device.type == "cpu"
+
+    def _choose_precision(self) -> None:
+        """The dtype for this model on this device (`gpt2.device`), logged with its reason. The
+        checkpoint records what ran, not "auto": a resume on another machine sees the change."""
+        self.precision = resolve_dtype(self.cfg.dtype, self.device, self.model.config.n_embd)
+        self.dtype = self.precision.dtype
+        if self.is_main:
+            log.info("dtype: %s (%s)", self.precision.name, self.precision.reason)
+        self.cfg = dataclasses.replace(self.cfg, dtype=self.precision.name)
+
+    def _open_data(self) -> tuple[Path, dict[str, Any]]:
+        """The prepared folder and its ``meta.json`` (`gpt2.shards`)."""
+        if not self.cfg.data:
+            raise UserError(
+                "no data folder: set data to a folder from `gpt2 prepare` (`gpt2 train` without "
+                "--data prepares TinyShakespeare itself)"
+            )
+        return Path(self.cfg.data), read_meta(self.cfg.data)
+
+    def _load_eval_task(self) -> Task | None:
+        """The benchmark of --eval-task, read once now: a bad file stops the run before step 1."""
+        cfg = self.cfg
+        if not cfg.eval_task:
+            return None
+        return load_task(
+            cfg.eval_task, self.tokenizer, cfg.eval_data or None, cfg.eval_limit or None
+        )
+
+    def _build_batches(self) -> None:
+        """This rank's training batches, resumable (`gpt2.loader`), and the fixed batches that
+        estimate the loss: the same text at every evaluation, so estimates are comparable."""
+        cfg, env, block = self.cfg, self.env, self.model.config.block_size
+        self.micro_tokens = cfg.batch_size * block
+        self.accum_steps = accumulation_steps(
+            cfg.total_batch_tokens, self.micro_tokens, env.world_size
+        )
+        layout = Layout(cfg.batch_size, self.accum_steps, env.rank, env.world_size)
+        self.tokens_per_step = layout.windows_per_step * block
+        splits = {split: load_split(self.data_dir, split) for split in SPLITS}
+        train = WindowSequence(splits["train"], block, cfg.seed, "the train split")
+        self.batches = TrainBatches(train, layout)
+        n_batches = -(-cfg.eval_iters // env.world_size) * env.world_size
+        self.eval_batches = {
+            split: fixed_batches(
+                WindowSequence(arrays, block, cfg.seed + 1 + i, f"the {split} split"),
+                cfg.batch_size,
+                n_batches,
+                env.rank,
+                env.world_size,
+            )  # fmt: skip
+            for i, (split, arrays) in enumerate(splits.items())
+        }
 
     def _checkpoint_to_resume(self) -> Checkpoint | None:
         """The checkpoint ``--resume`` names (``auto``: the newest valid one in out_dir)."""
@@ -347,11 +314,7 @@ class Trainer:
 
     def _pretrained_model(self, overrides: dict[str, Any]) -> GPT:
         source = self.cfg.init_from
-        # One of our checkpoints, a Hugging Face folder or a Hub name: gpt2.hf tells them apart
-        # (both kinds of folder hold a config.json and may hold a tokenizer.json).
-        from gpt2.hf import load_pretrained
-
-        model, tokenizer = load_pretrained(source)
+        model, tokenizer = load_model(source)  # ours, a Hugging Face folder or a Hub name
         if tokenizer.to_dict() != self.tokenizer.to_dict():
             raise UserError(
                 f"{source} uses a {tokenizer.kind} tokenizer but the data was prepared with "
@@ -425,7 +388,7 @@ class Trainer:
             return model(x, y)[1]
 
     def train_step(self) -> StepStats:
-        """One optimiser step: accumulate the micro-batches' gradients, check the loss, clip,
+        """One optimizer step: accumulate the micro-batches' gradients, check the loss, clip,
         update. A NaN or infinite loss stops the run (`UserError`) or, with ``on_nan = skip``,
         discards the step's gradients."""
         cfg = self.cfg
@@ -578,70 +541,81 @@ class Trainer:
         """Train to ``max_iters`` (or until SIGINT/SIGTERM), evaluating, logging, sampling and
         saving along the way; then plot the metrics and draw a final sample."""
         cfg = self.cfg
-        if self.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-        metrics = MetricsLog(
-            self.out_dir / METRICS_FILE,
-            enabled=self.is_main,
-            resume_step=self.step if cfg.resume else None,
-            tensorboard_dir=self.out_dir / "tensorboard" if cfg.tensorboard else None,
-        )
+        metrics = self._open_metrics()
         peak = peak_flops(self.device, precision_name(self.dtype, cfg.tf32), cfg.peak_tflops)
         losses = {"train": float("nan"), "val": float("nan")}
         first_step, train_time, stopped_by = self.step, 0.0, ""
         start = time.perf_counter()
         self.model.train()
-        bar = tqdm(
-            total=cfg.max_iters,
-            initial=self.step,
-            desc="training",
-            unit="step",
-            disable=not self.show_progress,
-        )
-        try:
-            with StopRequest().installed() as stop:
-                while self.step < cfg.max_iters:
-                    t0 = time.perf_counter()
-                    stats = self.train_step()
-                    dt = time.perf_counter() - t0
-                    train_time += dt
-                    bar.update(1)
-                    step = self.step
-                    if step % cfg.log_interval == 0:
-                        bar.set_postfix(loss=f"{stats.loss:.4f}", refresh=False)
-                        self._log_step(metrics, stats, dt, peak)
-                    evaluate = step % cfg.eval_interval == 0 or step == cfg.max_iters
-                    if evaluate:
-                        losses = self.estimate_loss()
-                        tokens_per_s = self.tokens_per_step * (step - first_step) / train_time
-                        self._log_eval(metrics, losses, tokens_per_s)
-                    self._run_eval_task(metrics, evaluated=evaluate)
-                    if cfg.sample_interval and step % cfg.sample_interval == 0:
-                        self._log_sample()
-                    stop_now = self._stop_requested(stop)
-                    periodic = cfg.save_interval and step % cfg.save_interval == 0
-                    if evaluate or periodic or stop_now:
-                        self.save(losses if evaluate else None)
-                    if stop_now:
-                        stopped_by = stop.signal_name or "a signal to another process"
-                        break
-        finally:
-            bar.close()
-            metrics.close()
+        bar = tqdm(total=cfg.max_iters, initial=self.step, desc="training", unit="step",
+                   disable=not self.show_progress)  # fmt: skip
+        with contextlib.ExitStack() as cleanup:
+            cleanup.callback(metrics.close)
+            cleanup.callback(bar.close)
+            stop = cleanup.enter_context(StopRequest().installed())
+            while self.step < cfg.max_iters:
+                # --- one optimizer step
+                t0 = time.perf_counter()
+                stats = self.train_step()
+                dt = time.perf_counter() - t0
+                train_time += dt
+                step = self.step
+                bar.update(1)
+                # --- log its loss, speed and memory
+                if step % cfg.log_interval == 0:
+                    bar.set_postfix(loss=f"{stats.loss:.4f}", refresh=False)
+                    self._log_step(metrics, stats, dt, peak)
+                # --- estimate the loss on the fixed batches, every eval_interval and at the end
+                evaluate = step % cfg.eval_interval == 0 or step == cfg.max_iters
+                if evaluate:
+                    losses = self.estimate_loss()
+                    tokens_per_s = self.tokens_per_step * (step - first_step) / train_time
+                    self._log_eval(metrics, losses, tokens_per_s)
+                # --- the benchmark (--eval-task) and a sample
+                self._run_eval_task(metrics, evaluated=evaluate)
+                if cfg.sample_interval and step % cfg.sample_interval == 0:
+                    self._log_sample()
+                # --- a checkpoint: with each estimate, every save_interval, and before stopping
+                stop_now = self._stop_requested(stop)
+                if evaluate or stop_now or (cfg.save_interval and step % cfg.save_interval == 0):
+                    self.save(losses if evaluate else None)
+                if stop_now:
+                    stopped_by = stop.signal_name or "a signal to another process"
+                    break
         wall = time.perf_counter() - start
+        return self._finish(losses, self.step - first_step, train_time, wall, stopped_by)
+
+    def _open_metrics(self) -> MetricsLog:
+        """``metrics.jsonl`` in out_dir (on rank 0), cut back to the resumed step."""
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        return MetricsLog(
+            self.out_dir / METRICS_FILE,
+            enabled=self.is_main,
+            resume_step=self.step if self.cfg.resume else None,
+            tensorboard_dir=self.out_dir / "tensorboard" if self.cfg.tensorboard else None,
+        )
+
+    def _finish(
+        self,
+        losses: dict[str, float],
+        steps_run: int,
+        train_time: float,
+        wall: float,
+        stopped_by: str,
+    ) -> TrainResult:
+        """After the loop: say how to continue a stopped run, plot, draw the final sample."""
+        cfg = self.cfg
         if stopped_by and self.is_main:
             log.warning(
                 "stopped by %s at step %d; checkpoint %s; continue with --resume auto",
-                stopped_by,
-                self.step,
-                self.last_checkpoint,
-            )
+                stopped_by, self.step, self.last_checkpoint,
+            )  # fmt: skip
         if self.is_main and cfg.plot:
             self._plot()
         sample = ""
         if cfg.sample_tokens and not stopped_by and self._samples_everywhere():
             sample = self.sample(cfg.sample_tokens)
-        steps_run = self.step - first_step
         distributed.barrier(self.env)
         return TrainResult(
             step=self.step,

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 from pathlib import Path
 
-import torch
-
-from gpt2.checkpoint import load_checkpoint
+from gpt2.checkpoint import load_model
+from gpt2.device import resolve_device
 from gpt2.errors import UserError
 from gpt2.evaluate import (
     DEFAULT_BATCH_SIZE,
@@ -20,8 +17,7 @@ from gpt2.evaluate import (
     format_table,
     run_eval,
 )
-from gpt2.model import GPT
-from gpt2.tokenizer import Tokenizer
+from gpt2.files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -63,27 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def load_model(source: str, device: torch.device) -> tuple[GPT, Tokenizer]:
-    """Our checkpoint folder, or a Hugging Face GPT-2 name or folder (through `gpt2.hf`)."""
-    try:
-        from gpt2.hf import load_pretrained  # imported only when a model is loaded: it is large
-    except ImportError:  # an install without Hugging Face interop reads our checkpoints only
-        ckpt = load_checkpoint(source, device)
-        return ckpt.model, ckpt.tokenizer
-    return load_pretrained(source, device)
-
-
-def write_json(path: Path, record: dict) -> None:
-    """Write atomically: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def run(args: argparse.Namespace) -> int:
-    from gpt2.train import resolve_device
-
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     if args.limit is not None and args.limit < 1:

@@ -1,9 +1,10 @@
 """``gpt2 prepare``: text to token files, from one text file up to a corpus of billions of tokens.
 
-One text file (and no ``--shard-tokens``) gives the simple format: ``train.bin`` and ``val.bin``,
-the last ``--val-fraction`` of the tokens held out (`gpt2.data.prepare`). Anything else (several
-files, a folder, JSONL, Parquet, a Hugging Face dataset, or ``--shard-tokens``) is streamed into
-shards, whole documents held out for validation, resumable (`gpt2.shards.prepare_shards`).
+Every input becomes llm.c-format token shards (train_000000.bin, val_000000.bin, ...) with a
+meta.json and the tokenizer. One text file (and no ``--shard-tokens``) gives one train and one val
+shard, the last ``--val-fraction`` of its tokens held out (`gpt2.prepare.prepare_text`). Anything
+else (several files, a folder, JSONL, Parquet, a Hugging Face dataset, or ``--shard-tokens``) is
+streamed, whole documents held out for validation, resumable (`gpt2.prepare.prepare_shards`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ from pathlib import Path
 
 from gpt2.assets import fetch
 from gpt2.corpus import Source, find_sources
-from gpt2.data import prepare
 from gpt2.errors import UserError
-from gpt2.shards import prepare_shards
+from gpt2.prepare import prepare_shards, prepare_text
 from gpt2.tokenizer import get_tokenizer
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--hf-subset", metavar="NAME", help="the dataset's configuration (e.g. sample-10BT)"
     )
     p.add_argument("--hf-split", default="train", help="the dataset's split (default: train)")
-    p.add_argument("--tokenizer", help="char, gpt2, or a folder with a tokenizer.json (default: char for one text file, else gpt2)")  # fmt: skip
+    p.add_argument("--tokenizer", help="char (one text file only), gpt2, or a folder with a tokenizer.json (default: gpt2)")  # fmt: skip
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--val-fraction", type=float,
                    help="share held out for validation: of the tokens for one text file (default 0.1), of the documents for shards (default 0.01)")  # fmt: skip
@@ -68,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """One text file to ``train.bin``/``val.bin``, anything else to shards (module docstring)."""
+    """One text file split by tokens, anything else streamed by documents (module docstring)."""
     if args.input and args.hf_dataset:
         raise UserError("give --input or --hf-dataset, not both")
     inputs = args.input or ([] if args.hf_dataset else [fetch("tinyshakespeare/input.txt")])
@@ -112,10 +112,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _prepare_one_file(args: argparse.Namespace, path: str) -> int:
-    meta = prepare(
+    meta = prepare_text(
         path,
         args.out,
-        tokenizer=args.tokenizer or "char",
+        tokenizer=args.tokenizer or "gpt2",
         val_fraction=0.1 if args.val_fraction is None else args.val_fraction,
         show_progress=not args.quiet,
     )

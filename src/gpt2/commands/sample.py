@@ -5,17 +5,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from pathlib import Path
 
-import torch
-
-from gpt2.checkpoint import load_checkpoint
+from gpt2.checkpoint import load_model
+from gpt2.device import resolve_device
 from gpt2.errors import UserError
 from gpt2.generate import SamplingParams, complete, stream
-from gpt2.model import GPT
 from gpt2.quantize import QUANTIZE_MODES, prepare_for_decoding
 from gpt2.tokenizer import Tokenizer
-from gpt2.train import resolve_device
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -142,24 +138,6 @@ def params_from_args(args: argparse.Namespace) -> SamplingParams:
     if args.stream and args.num_beams > 1:
         raise UserError("--stream needs --num-beams 1: beams change until the search ends")
     return params
-
-
-def load_model(source: str, device: torch.device) -> tuple[GPT, Tokenizer]:
-    """Our checkpoint (or run) folder, a Hugging Face GPT-2 folder, or a Hub name (``gpt2``)."""
-    from gpt2.hf import load_pretrained
-
-    path = Path(source).expanduser()
-    if path.exists():
-        config = path / "config.json"
-        if config.is_file() and '"model_type"' in config.read_text(
-            encoding="utf-8", errors="replace"
-        ):
-            return load_pretrained(path, device)
-        ckpt = load_checkpoint(path, device)  # clear errors for a folder that is not a checkpoint
-        return ckpt.model, ckpt.tokenizer
-    if source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise UserError(f"checkpoint folder not found: {path}")
-    return load_pretrained(source, device)  # a Hub name: gpt2, gpt2-medium, org/name
 
 
 def crop_prompt(prompt: str, tok: Tokenizer, block_size: int) -> str | list[int]:

@@ -95,8 +95,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(
             f"gpt2 serve needs the serve extra ({e.name} is missing): pip install -e '.[serve]'"
         ) from None
+    from gpt2.checkpoint import load_model
+    from gpt2.device import resolve_device
     from gpt2.quantize import prepare_for_decoding
-    from gpt2.train import resolve_device
 
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
@@ -136,18 +137,6 @@ def run(args: argparse.Namespace) -> int:
         config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
         uvicorn.Server(config).run(sockets=[sock])
     return 0
-
-
-def load_model(source: str, device):  # -> tuple[GPT, Tokenizer]
-    """Our checkpoint folder, or a Hugging Face GPT-2 name or folder (through `gpt2.hf`)."""
-    try:
-        from gpt2.hf import load_pretrained
-    except ImportError:  # the interop module is optional here: our own folders still load
-        from gpt2.checkpoint import load_checkpoint
-
-        ckpt = load_checkpoint(source, device)
-        return ckpt.model, ckpt.tokenizer
-    return load_pretrained(source, device)
 
 
 def _default_name(source: str) -> str:

@@ -13,6 +13,7 @@ from gpt2.bpe import BPETokenizer
 from gpt2.bpe_train import count_words, train_bpe
 from gpt2.corpus import ReadStats, find_sources, read_corpus
 from gpt2.errors import UserError
+from gpt2.files import make_folder
 from gpt2.tokenizer import EOT_TEXT, get_tokenizer
 
 log = logging.getLogger(__name__)
@@ -91,11 +92,7 @@ def run_train(args: argparse.Namespace) -> int:
     tokenizer = train_bpe(
         counts, args.vocab_size, specials, name=Path(args.out).name, show_progress=not args.quiet
     )
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create output folder {out}: {e.strerror}") from None
+    out = make_folder(args.out)
     tokenizer.save(out)
     tokenizer.save_hf(out)
     log.info("wrote %s: %d ids (%d merges, %d special), from %d distinct words",

@@ -7,6 +7,7 @@ find each other through torchrun's environment (see `gpt2.distributed`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from importlib import resources
 from pathlib import Path
@@ -16,6 +17,8 @@ from gpt2.config import GPTConfig, TrainConfig, load_toml
 from gpt2.errors import UserError
 
 log = logging.getLogger(__name__)
+
+DEMO_DATA_DIR = Path("data/shakespeare-char")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -75,11 +78,29 @@ def resolve_configs(args: argparse.Namespace) -> tuple[TrainConfig, dict]:
     return train, overrides
 
 
+def demo_data_dir() -> Path:
+    """TinyShakespeare as characters, prepared on first use (again, if an older gpt2 prepared
+    it): the built-in demo's data."""
+    from gpt2.assets import fetch
+    from gpt2.prepare import prepare_text
+    from gpt2.shards import read_meta
+
+    try:
+        read_meta(DEMO_DATA_DIR)
+    except UserError:
+        source = fetch("tinyshakespeare/input.txt")
+        log.info("preparing %s as characters in %s", source, DEMO_DATA_DIR)
+        prepare_text(source, DEMO_DATA_DIR, tokenizer="char", val_fraction=0.1)
+    return DEMO_DATA_DIR
+
+
 def run(args: argparse.Namespace) -> int:
     from gpt2 import distributed
     from gpt2.train import Trainer
 
     cfg, overrides = resolve_configs(args)
+    if not cfg.data:
+        cfg = dataclasses.replace(cfg, data=str(demo_data_dir()))
     env = distributed.env_from_torchrun()
     try:
         result = Trainer(cfg, overrides, show_progress=not args.quiet).run()

@@ -1,5 +1,7 @@
-"""The precision a run computes in, chosen for the machine at hand (``--dtype auto``).
+"""Where a model runs and in what precision: the one policy every command uses (train, sample,
+eval, serve).
 
+``--device auto`` picks CUDA, then Apple's MPS, then the CPU. ``--dtype auto``:
 - CUDA: bfloat16 where the GPU has it (Ampere and later), else float16 with the gradient scaler.
 - CPU: bfloat16 autocast where the CPU multiplies bfloat16 in hardware (``avx512_bf16`` or
   ``amx_bf16`` among its flags) and the model is wide enough to gain from it; float32 elsewhere.
@@ -95,6 +97,22 @@ def choose_cpu(n_embd: int) -> Precision:
             f"(under {BF16_MIN_WIDTH}) trains no faster in it",
         )
     return Precision(torch.bfloat16, f"this CPU multiplies bf16 natively: {peaks}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA, then Apple's MPS, then the CPU; anything else is checked to exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("device cuda was asked for, but torch sees no CUDA GPU")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("device mps was asked for, but it is not available")
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device, n_embd: int = 768) -> Precision:
