@@ -23,9 +23,9 @@ import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from gpt2.config import GPTConfig  # noqa: E402
+from gpt2.decode import KVCacheEngine  # noqa: E402
 from gpt2.model import GPT  # noqa: E402
 from gpt2.serve.app import create_app  # noqa: E402
-from gpt2.serve.engine import RecomputeEngine  # noqa: E402
 from gpt2.serve.limits import Limits  # noqa: E402
 from gpt2.serve.live import running_server  # noqa: E402
 from gpt2.tokenizer import GPT2Tokenizer  # noqa: E402
@@ -84,7 +84,7 @@ def hung_up(scheduler) -> bool:
     return stats.cancelling == 1 or stats.active == 0
 
 
-class GatedEngine(RecomputeEngine):
+class GatedEngine(KVCacheEngine):
     """Decode steps wait for the test to open the gate: a request stays in flight on demand."""
 
     def __init__(self, model: GPT, slots: int) -> None:

@@ -3,8 +3,8 @@
 `plan` turns a validated `CompletionRequest` into token ids and sampling settings (refusing what
 the limits forbid); `Completions.collect` waits for every choice and returns one response;
 `Completions.stream` yields server-sent events as tokens arrive. Either way the request's
-sequences are cancelled when it ends early (a client that leaves, a stop string), so the worker
-stops spending steps on them.
+sequences are cancelled when it ends early (a client that leaves), so the worker stops spending
+steps on them; stop strings end a sequence in the worker itself (`gpt2.decode`).
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
+from gpt2.detokenize import IncrementalText, TokenText, decode_all
 from gpt2.errors import UserError
+from gpt2.sampling import Sampled, Sampler, SamplingParams, default_seed
 from gpt2.serve.errors import APIError
 from gpt2.serve.limits import Limits, check_counts, check_lengths
-from gpt2.serve.sampling import Sampled, SamplingParams
 from gpt2.serve.scheduler import Event, QueueFull, Scheduler, Sequence
 from gpt2.serve.schemas import (
     MAX_STOP_SEQUENCES,
@@ -29,7 +30,6 @@ from gpt2.serve.schemas import (
     Logprobs,
     Usage,
 )
-from gpt2.serve.text import CompletionText, TokenText
 from gpt2.tokenizer import Tokenizer
 
 LOGIT_BIAS_RANGE = 100.0  # OpenAI's bound on each bias
@@ -43,22 +43,30 @@ class Plan:
     prompt_texts: list[str]
     n: int
     params: SamplingParams
-    stop: list[str]
     echo: bool
     stream: bool
     include_usage: bool
 
-    def choices(self) -> list[tuple[list[int], SamplingParams]]:
-        """OpenAI's order: prompt i's n choices have indexes i*n .. i*n+n-1. A seeded request
-        gives choice k the seed ``seed + k``, so that its n choices differ but repeat."""
-        out = []
-        for i, prompt in enumerate(self.prompts):
-            for j in range(self.n):
-                params = self.params
-                if params.seed is not None:
-                    params = replace(params, seed=params.seed + i * self.n + j)
-                out.append((prompt, params))
-        return out
+    def sequences(
+        self, tokenizer: Tokenizer, events: asyncio.Queue[Event], loop: asyncio.AbstractEventLoop
+    ) -> list[Sequence]:
+        """OpenAI's order: prompt i's n choices have indexes i*n .. i*n+n-1. Choice j of a
+        prompt samples with ``seed + j``, as sample j of ``gpt2 sample --num-samples``."""
+        p = self.params
+        seed = p.seed if p.seed is not None else default_seed()
+        score = self.echo and p.logprobs is not None
+        return [
+            Sequence(
+                i * self.n + j,
+                Sampler(p, prompt, seed + j),
+                IncrementalText(tokenizer, p.stop),
+                score,
+                events,
+                loop,
+            )
+            for i, prompt in enumerate(self.prompts)
+            for j in range(self.n)
+        ]
 
 
 def plan(
@@ -84,21 +92,26 @@ def plan(
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
     for ids in prompts:
         check_lengths(limits, context, len(ids), max_tokens)
-    echo = bool(req.echo)
+    temperature = 1.0 if req.temperature is None else req.temperature
+    top_p = 1.0 if req.top_p is None else req.top_p
+    if top_p == 0.0:  # OpenAI allows it: only the most likely token
+        temperature, top_p = 0.0, 1.0
     params = SamplingParams(
-        max_tokens=max_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
+        max_new_tokens=max_tokens,
+        temperature=temperature,
+        top_k=req.top_k if req.top_k and req.top_k > 0 else None,
+        top_p=top_p,
+        min_p=req.min_p or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
         logit_bias=_logit_bias(req.logit_bias, vocab_size),
-        seed=req.seed,
         logprobs=req.logprobs,
-        echo_logprobs=echo and req.logprobs is not None,
-        stop_token=tokenizer.eot_token,
+        stop=tuple(s for s in stop if s),
+        seed=req.seed,
     )
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return Plan(prompts, texts, n, params, stop, echo, bool(req.stream), include_usage)
+    return Plan(prompts, texts, n, params, bool(req.echo), bool(req.stream), include_usage)
 
 
 def _prompt_list(prompt: object) -> list[str | list[int]]:
@@ -128,15 +141,7 @@ def _encode(
             f"prompt: token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})",
             param="prompt",
         )
-    return list(prompt), _decode_all(tokenizer, list(prompt))
-
-
-def _decode_all(tokenizer: Tokenizer, ids: list[int]) -> str:
-    text = CompletionText(tokenizer, [])
-    for t in ids:
-        text.add(t)
-    text.finish()
-    return text.text
+    return list(prompt), decode_all(tokenizer, list(prompt)).text
 
 
 def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[int, float], ...]:
@@ -165,7 +170,7 @@ class ChoiceState:
     """One choice on the event loop's side: its text so far and why it ended."""
 
     index: int
-    text: CompletionText
+    text: str  # the completion's text so far
     echo_text: str  # sent before the completion when echo is on, else ""
     prompt_ids: list[int]
     prompt_scores: list[Sampled | None] | None = None
@@ -193,20 +198,15 @@ class Completions:
 
     def submit(self) -> None:
         """Queue every choice; a full queue is a 429."""
+        loop = asyncio.get_running_loop()
+        self.seqs = self.plan.sequences(self.tokenizer, self.events, loop)
         try:
-            self.seqs = self.scheduler.submit(self.plan.choices(), self.events)
+            self.scheduler.submit(self.seqs)
         except QueueFull as e:
             raise APIError(429, str(e), type="rate_limit_error", code="queue_full") from None
         for k, seq in enumerate(self.seqs):
-            i = k // self.plan.n
-            self.choices.append(
-                ChoiceState(
-                    k,
-                    CompletionText(self.tokenizer, self.plan.stop),
-                    self.plan.prompt_texts[i] if self.plan.echo else "",
-                    seq.prompt,
-                )
-            )
+            echo = self.plan.prompt_texts[k // self.plan.n] if self.plan.echo else ""
+            self.choices.append(ChoiceState(k, "", echo, seq.prompt))
 
     def cancel(self) -> None:
         self.scheduler.cancel([s for s in self.seqs if not s.cancelled])
@@ -246,12 +246,12 @@ class Completions:
                 if event.error is not None:
                     yield _sse(APIError(500, event.error, type="server_error").body())
                     return
-                sent_tokens, sent_chars = len(c.tokens), c.text.released
+                sent_tokens, sent_chars = len(c.tokens), len(c.text)
                 self._apply(c, event)
                 if self.plan.echo and not c.echo_sent:
                     c.echo_sent = True
                     yield _sse(self._chunk(c, c.echo_text, self._prompt_logprobs(c), None))
-                text = c.text.text[sent_chars : c.text.released]
+                text = c.text[sent_chars:]
                 new = c.tokens[sent_tokens:]
                 if text or new or c.finish is not None:
                     yield _sse(self._chunk(c, text, self._logprobs(c, new), c.finish))
@@ -278,18 +278,11 @@ class Completions:
             c.prompt_scores = event.prompt
         if event.token is not None:
             c.n_tokens += 1
-            is_eot = event.finish == "stop" and event.token.token == self.plan.params.stop_token
-            if not is_eot:
-                piece = c.text.add(event.token.token, event.token)
-                c.tokens.extend(piece.tokens)
-                if piece.stopped:
-                    c.finish = "stop"
-                    self.scheduler.cancel([self.seqs[c.index]])
-                    return
+        if event.piece is not None:
+            c.text += event.piece.text
+            c.tokens.extend(event.piece.tokens)
         if event.finish is not None:
-            piece = c.text.finish()
-            c.tokens.extend(piece.tokens)
-            c.finish = "stop" if piece.stopped else event.finish
+            c.finish = event.finish
 
     def _whole(self, c: ChoiceState) -> CompletionChoice:
         prompt_lp = self._prompt_logprobs(c)
@@ -306,7 +299,7 @@ class Completions:
                 )
             logprobs = completion_lp
         return CompletionChoice(
-            text=c.echo_text + c.text.text,
+            text=c.echo_text + c.text,
             index=c.index,
             logprobs=logprobs,
             finish_reason=c.finish,
@@ -328,9 +321,7 @@ class Completions:
         if not (self.plan.echo and self.plan.params.logprobs is not None):
             return None
         scores = c.prompt_scores or [None] * len(c.prompt_ids)
-        text = CompletionText(self.tokenizer, [])
-        tokens = [tok for t in c.prompt_ids for tok in text.add(t).tokens]
-        tokens += text.finish().tokens
+        tokens = decode_all(self.tokenizer, c.prompt_ids).tokens
         return Logprobs(
             tokens=[t.text for t in tokens],
             token_logprobs=[s.logprob if s else None for s in scores],
