@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(
             f"gpt2 serve needs the serve extra ({e.name} is missing): pip install -e '.[serve]'"
         ) from None
-    from gpt2.quantize import prepare_for_decoding
+    from gpt2.decode_layout import prepare_for_decoding
     from gpt2.train import resolve_device
 
     if not 0 <= args.port <= 65535:
@@ -140,13 +140,8 @@ def run(args: argparse.Namespace) -> int:
 
 def load_model(source: str, device):  # -> tuple[GPT, Tokenizer]
     """Our checkpoint folder, or a Hugging Face GPT-2 name or folder (through `gpt2.hf`)."""
-    try:
-        from gpt2.hf import load_pretrained
-    except ImportError:  # the interop module is optional here: our own folders still load
-        from gpt2.checkpoint import load_checkpoint
+    from gpt2.hf import load_pretrained
 
-        ckpt = load_checkpoint(source, device)
-        return ckpt.model, ckpt.tokenizer
     return load_pretrained(source, device)
 
 
