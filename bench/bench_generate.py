@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 
 from gpt2.config import GPTConfig
+from gpt2.decode_layout import prepare_for_decoding
 from gpt2.generate import generate
 from gpt2.model import GPT
-from gpt2.decode_layout import prepare_for_decoding
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 

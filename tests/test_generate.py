@@ -16,12 +16,12 @@ import torch
 
 from gpt2.beam_search import beam_search
 from gpt2.config import GPTConfig
+from gpt2.decode_layout import DecodeLayerNorm, SplitLinear, pin_submodules, prepare_for_decoding
 from gpt2.detokenize import IncrementalText
 from gpt2.errors import UserError
 from gpt2.generate import KVCacheEngine, SamplingParams, complete, generate, stream
 from gpt2.kv_cache import KVCache
 from gpt2.model import GPT
-from gpt2.decode_layout import DecodeLayerNorm, SplitLinear, pin_submodules, prepare_for_decoding
 from gpt2.sampling import Sampled, Sampler, kept_probs, prompt_logprobs, sample
 from gpt2.tokenizer import CharTokenizer, GPT2Tokenizer
 

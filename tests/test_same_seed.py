@@ -66,10 +66,8 @@ def cli_texts(capsys, ckpt: Path, flags: dict[str, str], n: int, seed: int) -> l
     args += [x for kv in flags.items() for x in kv] + ["--seed", str(seed)]
     assert main([*args, "--num-samples", str(n)]) == 0
     out = capsys.readouterr().out
-    if n == 1:
-        samples = [out]
-    else:
-        samples = [s.split("\n", 1)[1] for s in out.split("--- sample ")[1:]]
+    # One sample is printed bare; several each under a "--- sample i ---" line.
+    samples = [out] if n == 1 else [s.split("\n", 1)[1] for s in out.split("--- sample ")[1:]]
     assert all(s.startswith(PROMPT) and s.endswith("\n") for s in samples)
     return [s[len(PROMPT) : -1] for s in samples]
 

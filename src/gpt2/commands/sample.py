@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 
 from gpt2.checkpoint import load_checkpoint
+from gpt2.decode_layout import QUANTIZE_MODES, prepare_for_decoding
 from gpt2.errors import UserError
 from gpt2.generate import SamplingParams, complete, stream
 from gpt2.model import GPT
-from gpt2.decode_layout import QUANTIZE_MODES, prepare_for_decoding
 from gpt2.tokenizer import Tokenizer
 from gpt2.train import resolve_device
 

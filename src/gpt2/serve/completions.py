@@ -211,18 +211,23 @@ class Completions:
     def cancel(self) -> None:
         self.scheduler.cancel([s for s in self.seqs if not s.cancelled])
 
+    async def _events(self) -> AsyncIterator[tuple[ChoiceState, Event]]:
+        """Each worker event with its choice, until every choice has ended (the caller folds
+        the event in with `_apply` before asking for the next)."""
+        pending = len(self.choices)
+        while pending:
+            event = await self.events.get()
+            c = self.choices[event.index]
+            if c.finish is not None:
+                continue  # tokens the worker made before it saw the cancellation
+            yield c, event
+            pending -= c.finish is not None
+
     async def collect(self) -> Completion:
         """Wait for every choice to end; the whole response."""
         try:
-            pending = len(self.choices)
-            while pending:
-                event = await self.events.get()
-                choice = self.choices[event.index]
-                if choice.finish is not None:
-                    continue  # tokens the worker made before it saw the cancellation
-                self._apply(choice, event)
-                if choice.finish is not None:
-                    pending -= 1
+            async for c, event in self._events():
+                self._apply(c, event)
         finally:
             self.cancel()
         return Completion(
@@ -237,12 +242,7 @@ class Completions:
         """Server-sent events: a chunk per piece of text, then ``data: [DONE]``. With echo, a
         choice's first chunk is its prompt (sent once the worker has scored it, if asked)."""
         try:
-            pending = len(self.choices)
-            while pending:
-                event = await self.events.get()
-                c = self.choices[event.index]
-                if c.finish is not None:
-                    continue  # tokens the worker made before it saw the cancellation
+            async for c, event in self._events():
                 if event.error is not None:
                     yield _sse(APIError(500, event.error, type="server_error").body())
                     return
@@ -255,8 +255,6 @@ class Completions:
                 new = c.tokens[sent_tokens:]
                 if text or new or c.finish is not None:
                     yield _sse(self._chunk(c, text, self._logprobs(c, new), c.finish))
-                if c.finish is not None:
-                    pending -= 1
             if self.plan.include_usage:
                 last = Completion(
                     id=self.id,
