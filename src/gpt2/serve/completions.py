@@ -14,7 +14,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from gpt2.detokenize import IncrementalText, TokenText, decode_all
 from gpt2.errors import UserError
@@ -250,11 +250,14 @@ class Completions:
                 self._apply(c, event)
                 if self.plan.echo and not c.echo_sent:
                     c.echo_sent = True
-                    yield _sse(self._chunk(c, c.echo_text, self._prompt_logprobs(c), None))
+                    yield _sse(
+                        self._chunk(c, c.echo_text, self._logprobs(self._prompt_tokens(c)), None)
+                    )
                 text = c.text[sent_chars:]
                 new = c.tokens[sent_tokens:]
                 if text or new or c.finish is not None:
-                    yield _sse(self._chunk(c, text, self._logprobs(c, new), c.finish))
+                    logprobs = self._logprobs(self._after_echo(c, new))
+                    yield _sse(self._chunk(c, text, logprobs, c.finish))
             if self.plan.include_usage:
                 last = Completion(
                     id=self.id,
@@ -283,51 +286,36 @@ class Completions:
             c.finish = event.finish
 
     def _whole(self, c: ChoiceState) -> CompletionChoice:
-        prompt_lp = self._prompt_logprobs(c)
-        completion_lp = self._logprobs(c, c.tokens)
-        logprobs = None
-        if completion_lp is not None:
-            if prompt_lp is not None:
-                completion_lp = Logprobs(
-                    tokens=prompt_lp.tokens + completion_lp.tokens,
-                    token_logprobs=prompt_lp.token_logprobs + completion_lp.token_logprobs,
-                    top_logprobs=(prompt_lp.top_logprobs or [])
-                    + (completion_lp.top_logprobs or []),
-                    text_offset=prompt_lp.text_offset + completion_lp.text_offset,
-                )
-            logprobs = completion_lp
         return CompletionChoice(
             text=c.echo_text + c.text,
             index=c.index,
-            logprobs=logprobs,
+            logprobs=self._logprobs(self._prompt_tokens(c) + self._after_echo(c, c.tokens)),
             finish_reason=c.finish,
         )
 
-    def _logprobs(self, c: ChoiceState, tokens: list[TokenText]) -> Logprobs | None:
-        """The ``logprobs`` object for generated ``tokens`` (None when not asked for)."""
+    def _logprobs(self, tokens: list[TokenText]) -> Logprobs | None:
+        """The ``logprobs`` object for ``tokens`` (None when not asked for); a token without
+        a score (the prompt's first) has null entries."""
         if self.plan.params.logprobs is None:
             return None
-        base = len(c.echo_text)
         return Logprobs(
             tokens=[t.text for t in tokens],
-            token_logprobs=[t.info.logprob for t in tokens],
-            top_logprobs=[self._top(t.text, t.info) for t in tokens],
-            text_offset=[base + t.offset for t in tokens],
-        )
-
-    def _prompt_logprobs(self, c: ChoiceState) -> Logprobs | None:
-        if not (self.plan.echo and self.plan.params.logprobs is not None):
-            return None
-        scores = c.prompt_scores or [None] * len(c.prompt_ids)
-        tokens = decode_all(self.tokenizer, c.prompt_ids).tokens
-        return Logprobs(
-            tokens=[t.text for t in tokens],
-            token_logprobs=[s.logprob if s else None for s in scores],
-            top_logprobs=[
-                self._top(t.text, s) if s else None for t, s in zip(tokens, scores, strict=True)
-            ],
+            token_logprobs=[t.info.logprob if t.info else None for t in tokens],
+            top_logprobs=[self._top(t.text, t.info) if t.info else None for t in tokens],
             text_offset=[t.offset for t in tokens],
         )
+
+    def _prompt_tokens(self, c: ChoiceState) -> list[TokenText]:
+        """The prompt's tokens with their scores, when echo and logprobs are both asked."""
+        if not (self.plan.echo and self.plan.params.logprobs is not None):
+            return []
+        scores = c.prompt_scores or [None] * len(c.prompt_ids)
+        tokens = decode_all(self.tokenizer, c.prompt_ids).tokens
+        return [replace(t, info=s) for t, s in zip(tokens, scores, strict=True)]
+
+    def _after_echo(self, c: ChoiceState, tokens: list[TokenText]) -> list[TokenText]:
+        """Generated ``tokens`` with offsets into the returned text (after the echoed prompt)."""
+        return [replace(t, offset=len(c.echo_text) + t.offset) for t in tokens]
 
     def _top(self, text: str, s: Sampled) -> dict[str, float]:
         """The top alternatives, plus the chosen token (OpenAI: up to logprobs + 1 entries)."""
