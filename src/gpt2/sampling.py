@@ -231,15 +231,20 @@ def kept_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.
     settings: the probabilities (b, V), 0 for the tokens cut (the rest not renormalised)."""
     V = logits.size(-1)
     device = logits.device
-    temps = torch.tensor([p.temperature for p in params], device=device)
-    logits = logits / temps[:, None]
+    temps = {p.temperature for p in params}
+    if len(temps) == 1:  # the usual case (one sequence, or one request's): no (b,) tensors
+        logits = logits / temps.pop()
+    else:
+        logits = logits / torch.tensor([p.temperature for p in params], device=device)[:, None]
     ks = [p.top_k if p.top_k and p.top_k < V else V for p in params]
     if min(ks) < V:
         values = torch.topk(logits, max(k for k in ks if k < V), dim=-1).values  # (b, kmax)
-        kth = values.gather(
-            1, torch.tensor([[min(k, values.size(1)) - 1] for k in ks], device=device)
-        )
-        kth[torch.tensor([k == V for k in ks], device=device)] = float("-inf")
+        if len(set(ks)) == 1:
+            kth = values[:, -1:]
+        else:
+            at = torch.tensor([[min(k, values.size(1)) - 1] for k in ks], device=device)
+            kth = values.gather(1, at)
+            kth[torch.tensor([k == V for k in ks], device=device)] = float("-inf")
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     nucleus = [b for b, p in enumerate(params) if p.top_p < 1.0]
