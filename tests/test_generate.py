@@ -13,6 +13,7 @@ import re
 
 import pytest
 import torch
+from cache_free import cache_free_greedy
 
 from gpt2.beam_search import beam_search
 from gpt2.config import GPTConfig
@@ -35,23 +36,6 @@ def tiny_model(seed: int = 0, std: float = 0.3, **shape: int | bool) -> GPT:
             if p.dim() == 2:
                 p.normal_(0.0, std)
     return model
-
-
-@torch.no_grad()
-def cache_free_greedy(model: GPT, prompt: list[int], n: int, keep: int | None = None) -> list[int]:
-    """The definition: each token is the argmax of a full forward pass over the context.
-
-    The context is every token since the last slide; when it would pass block_size tokens it
-    restarts from the newest ``keep`` (the sliding-window rule of `gpt2.generate`)."""
-    block = model.config.block_size
-    keep = keep or block // 2
-    seq, start = list(prompt), 0
-    for _ in range(n):
-        if len(seq) - start > block:
-            start = len(seq) - keep
-        logits, _ = model(torch.tensor([seq[start:]]))
-        seq.append(int(logits[0, -1].argmax()))
-    return seq[len(prompt) :]
 
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=40)
