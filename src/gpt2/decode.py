@@ -237,22 +237,21 @@ class Decoder:
             return steps
         leaders = list(first.values())
         logits = self.engine.prefill_batch([s.slot for s in leaders], [s.prompt for s in leaders])
-        rows = {id(s): row for s, row in zip(leaders, logits, strict=True)}
+        row = {id(s): i for i, s in enumerate(leaders)}  # each prompt's row of ``logits``
         for src, dst in copies:
             self.engine.copy_slot(src.slot, dst.slot)
-        batch = leaders + [dst for _, dst in copies]
-        stacked = torch.stack([rows[id(s)] for s in leaders] + [rows[id(src)] for src, _ in copies])
-        return steps + self._accept(batch, stacked)
+        if copies:
+            logits = logits[list(range(len(leaders))) + [row[id(src)] for src, _ in copies]]
+        return steps + self._accept(leaders + [dst for _, dst in copies], logits)
 
     def _prefill_scored(self, seq: DecodeSequence) -> list[Step]:
         logits = self.engine.prefill(seq.slot, seq.prompt, all_positions=True)  # (T, V)
         scores = prompt_logprobs(logits, seq.prompt, seq.params.logprobs or 0)
-        steps = [Step(seq, prompt_scores=scores)]
         if seq.params.max_new_tokens == 0:
             self.drop(seq)
             seq.finish_reason = "length"
             return [Step(seq, prompt_scores=scores, finish="length")]
-        return steps + self._accept([seq], logits[-1:])
+        return [Step(seq, prompt_scores=scores), *self._accept([seq], logits[-1:])]
 
     def step(self) -> list[Step]:
         """One decode step for every active sequence."""
