@@ -5,7 +5,7 @@ Setting (issue 5): random weights of the gpt2 shape (12 x 768, vocabulary 50257)
 copied into transformers' GPT2LMHeadModel; a 32-token prompt; greedy; batch 1 (and batch 8).
 
 - ours: `gpt2.generate.generate` with the KV cache, on the model prepared by
-  `gpt2.quantize.prepare_for_decoding` (weights stored (in, out); ``--quantize int8``: int8);
+  `gpt2.decode_layout.prepare_for_decoding` (weights stored (in, out); ``--quantize int8``: int8);
 - transformers: ``generate(do_sample=False)`` with its own cache, end-of-text disabled so that
   both produce exactly N tokens (and the tokens are checked to be the same);
 - cache-free: nanoGPT's loop, a full forward pass over the context for every token.
@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 
 from gpt2.config import GPTConfig
+from gpt2.decode_layout import prepare_for_decoding
 from gpt2.generate import generate
 from gpt2.model import GPT
-from gpt2.quantize import prepare_for_decoding
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from gpt2.assets import fetch
 from gpt2.corpus import find_sources
-from gpt2.shards import prepare_shards
+from gpt2.prepare import prepare_shards
 from gpt2.tokenizer import GPT2Tokenizer
 
 
@@ -71,7 +71,7 @@ RSS_PROBE = """
 import json, os, sys, threading, time
 from pathlib import Path
 from gpt2.corpus import find_sources
-from gpt2.shards import prepare_shards
+from gpt2.prepare import prepare_shards
 from gpt2.tokenizer import GPT2Tokenizer
 
 def rss_mib(pid):

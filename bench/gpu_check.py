@@ -558,7 +558,7 @@ def decode_models(ctx: Context, with_transformers: bool = True) -> dict[str, Any
         models["transformers"] = hf.to(ctx.device, dtype).eval()
     model = model.to(ctx.device, dtype)
     try:
-        from gpt2.quantize import prepare_for_decoding
+        from gpt2.decode_layout import prepare_for_decoding
 
         model = prepare_for_decoding(model)
     except ImportError:  # moved: the model as built

@@ -13,16 +13,17 @@ import re
 
 import pytest
 import torch
+from cache_free import cache_free_greedy
 
 from gpt2.beam_search import beam_search
 from gpt2.config import GPTConfig
+from gpt2.decode_layout import DecodeLayerNorm, SplitLinear, pin_submodules, prepare_for_decoding
 from gpt2.detokenize import IncrementalText
 from gpt2.errors import UserError
 from gpt2.generate import KVCacheEngine, SamplingParams, complete, generate, stream
 from gpt2.kv_cache import KVCache
 from gpt2.model import GPT
-from gpt2.quantize import DecodeLayerNorm, SplitLinear, pin_submodules, prepare_for_decoding
-from gpt2.sampling import PenaltyState, apply_penalties, choose_token, warp
+from gpt2.sampling import Sampled, Sampler, kept_probs, prompt_logprobs, sample
 from gpt2.tokenizer import CharTokenizer, GPT2Tokenizer
 
 
@@ -35,23 +36,6 @@ def tiny_model(seed: int = 0, std: float = 0.3, **shape: int | bool) -> GPT:
             if p.dim() == 2:
                 p.normal_(0.0, std)
     return model
-
-
-@torch.no_grad()
-def cache_free_greedy(model: GPT, prompt: list[int], n: int, keep: int | None = None) -> list[int]:
-    """The definition: each token is the argmax of a full forward pass over the context.
-
-    The context is every token since the last slide; when it would pass block_size tokens it
-    restarts from the newest ``keep`` (the sliding-window rule of `gpt2.generate`)."""
-    block = model.config.block_size
-    keep = keep or block // 2
-    seq, start = list(prompt), 0
-    for _ in range(n):
-        if len(seq) - start > block:
-            start = len(seq) - keep
-        logits, _ = model(torch.tensor([seq[start:]]))
-        seq.append(int(logits[0, -1].argmax()))
-    return seq[len(prompt) :]
 
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=40)
@@ -215,10 +199,10 @@ def test_narrowest_settings_reduce_sampling_to_greedy() -> None:
 
 
 def test_top_k_top_p_min_p_keep_exactly_the_tokens_they_should() -> None:
-    logits = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.1]))
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1]]))
 
     def kept(**kw: float) -> list[int]:
-        return torch.isfinite(warp(logits, SamplingParams(**kw))).nonzero().flatten().tolist()
+        return (kept_probs(logits, [SamplingParams(**kw)])[0] > 0).nonzero().flatten().tolist()
 
     assert kept(top_k=2) == [0, 1]
     assert kept(top_p=0.5) == [0, 1]  # 0.4 < 0.5 <= 0.4 + 0.3
@@ -227,34 +211,98 @@ def test_top_k_top_p_min_p_keep_exactly_the_tokens_they_should() -> None:
     assert kept(min_p=0.45) == [0, 1, 2]  # probability >= 0.45 * 0.4 = 0.18
     assert kept(min_p=0.55) == [0, 1]
     assert kept(top_k=3, top_p=0.99, min_p=0.6) == [0, 1]
-    g = torch.Generator().manual_seed(0)
-    draws = {choose_token(logits, SamplingParams(top_p=0.5), g) for _ in range(200)}
+    # rows of one batch, each cut by its own settings
+    both = kept_probs(logits.expand(2, 4), [SamplingParams(top_k=1), SamplingParams(top_p=0.71)])
+    assert (both > 0).tolist() == [[True, False, False, False], [True, True, True, False]]
+    draws = {t for _, t in draw(logits[0], 200, top_p=0.5)}
     assert draws == {0, 1}
+
+
+def draw(logits: torch.Tensor, n: int, **kw: float) -> list[tuple[int, int]]:
+    """(seed, token) for ``n`` seeded rows sampling from the same ``logits`` (V,) in one batch."""
+    rows = [Sampler(SamplingParams(**kw), [], seed) for seed in range(n)]
+    picks = sample(logits.expand(n, -1).clone(), rows)
+    return [(seed, p.token) for seed, p in enumerate(picks)]
 
 
 def test_temperature_sharpens_and_flattens() -> None:
     logits = torch.tensor([2.0, 1.0, 0.0])
-    g = torch.Generator().manual_seed(0)
-    cold = [choose_token(logits, SamplingParams(temperature=0.05), g) for _ in range(300)]
-    hot = [choose_token(logits, SamplingParams(temperature=100.0), g) for _ in range(300)]
+    cold = [t for _, t in draw(logits, 300, temperature=0.05)]
+    hot = [t for _, t in draw(logits, 300, temperature=100.0)]
     assert cold.count(0) == 300
     assert all(hot.count(t) > 60 for t in range(3))
 
 
+def test_sampling_follows_the_distribution_and_each_row_repeats_alone() -> None:
+    probs = torch.tensor([0.5, 0.3, 0.2])
+    picks = draw(probs.log(), 4000)
+    counts = torch.bincount(torch.tensor([t for _, t in picks]), minlength=3)
+    assert torch.allclose(counts / 4000, probs, atol=0.03)
+    for seed, token in picks[:20]:  # a row's draw depends on its seed only, not on the batch
+        row = Sampler(SamplingParams(), [], seed)
+        assert sample(probs.log()[None].clone(), [row])[0].token == token
+
+
 def test_repetition_penalty_follows_the_ctrl_rule() -> None:
-    state = PenaltyState([0, 1], vocab_size=4, device="cpu")
     logits = torch.tensor([2.0, -2.0, 1.0, -1.0])
-    out = apply_penalties(logits, SamplingParams(repetition_penalty=2.0), state)
-    assert out.tolist() == [1.0, -4.0, 1.0, -1.0]  # seen: positive / 2, negative * 2
+    row = Sampler(SamplingParams(repetition_penalty=2.0), [0, 1], 0)
+    row.adjust_(logits)
+    assert logits.tolist() == [1.0, -4.0, 1.0, -1.0]  # seen: positive / 2, negative * 2
 
 
 def test_presence_and_frequency_penalties_count_generated_tokens_only() -> None:
-    state = PenaltyState([3], vocab_size=4, device="cpu")  # the prompt's token is not penalised
-    for t in (0, 0, 1):
-        state.add(t)
     params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
-    out = apply_penalties(torch.zeros(4), params, state)
-    assert out.tolist() == [-1.0, -0.75, 0.0, 0.0]
+    row = Sampler(params, [3], 0)  # the prompt's token is not penalised
+    row.add(0)
+    row.adjust_(torch.zeros(4))  # the counts are built here, then kept up to date by `add`
+    for t in (0, 1):
+        row.add(t)
+    logits = torch.zeros(4)
+    row.adjust_(logits)
+    assert logits.tolist() == [-1.0, -0.75, 0.0, 0.0]
+
+
+def test_mixed_batch_each_row_uses_its_own_settings() -> None:
+    logits = torch.tensor([[0.0, 5.0, 1.0]]).expand(3, 3).clone()
+    batch = [
+        Sampler(SamplingParams(temperature=0.0), [], 0),
+        Sampler(SamplingParams(temperature=0.0, logit_bias=((1, -100.0),)), [], 0),
+        Sampler(SamplingParams(temperature=0.0, frequency_penalty=2.0), [], 0),
+    ]
+    batch[2].generated = [1, 1, 1]  # 5 - 3 * 2 = -1: token 1 falls below token 2
+    assert [s.token for s in sample(logits, batch)] == [1, 2, 2]
+    assert [r.generated[-1] for r in batch] == [1, 2, 2]  # each row records its token
+
+
+def test_presence_penalty_counts_each_seen_token_once() -> None:
+    row = Sampler(SamplingParams(temperature=0.0, presence_penalty=1.0), [], 0)
+    row.generated = [1, 1, 1, 1]  # 3 - 1 = 2 < 2.5
+    assert sample(torch.tensor([[0.0, 3.0, 2.5]]), [row])[0].token == 2
+
+
+def test_reported_logprobs_are_the_models_own() -> None:
+    logits = torch.randn(2, 30)
+    ref = torch.log_softmax(logits, dim=-1)
+    batch = [Sampler(SamplingParams(temperature=0.7, top_p=0.5, logprobs=3), [], i) for i in (0, 1)]
+    for b, pick in enumerate(sample(logits.clone(), batch)):
+        assert pick.logprob == pytest.approx(ref[b, pick.token].item(), abs=1e-5)
+        values, ids = ref[b].topk(3)
+        assert [i for i, _ in pick.top] == ids.tolist()
+        assert [v for _, v in pick.top] == pytest.approx(values.tolist(), abs=1e-5)
+    unscored = sample(logits[:1].clone(), [Sampler(SamplingParams(), [], 0)])[0]
+    assert unscored.logprob != unscored.logprob and unscored.top is None  # NaN: not asked
+
+
+def test_prompt_logprobs_score_each_token_from_the_ones_before() -> None:
+    logits = torch.randn(4, 10)
+    ids = [3, 1, 4, 1]
+    scores = prompt_logprobs(logits, ids, k=2)
+    ref = torch.log_softmax(logits, dim=-1)
+    assert scores[0] is None
+    for t in range(1, 4):
+        assert isinstance(scores[t], Sampled)
+        assert scores[t].logprob == pytest.approx(ref[t - 1, ids[t]].item(), abs=1e-5)
+        assert len(scores[t].top) == 2
 
 
 def test_a_large_frequency_penalty_forbids_any_repeat() -> None:
@@ -321,12 +369,29 @@ def test_streamed_pieces_join_to_the_completion_and_hide_the_stop_string() -> No
 
 def test_a_possible_stop_string_is_held_back_until_decided() -> None:
     text = IncrementalText(CHARS, stop=("o w", "xyz"))
-    released = [text.add(t) for t in CHARS.encode("hello wor")]
+    released = [text.add(t).text for t in CHARS.encode("hello wor")]
     assert released[:5] == ["h", "e", "l", "l", ""]  # "o" might start "o w"
     assert "".join(released) == "hell" and text.stopped
     text = IncrementalText(CHARS, stop=("o w",))
-    released = [text.add(t) for t in CHARS.encode("hello!")] + [text.finish()]
+    released = [text.add(t).text for t in CHARS.encode("hello!")] + [text.finish().text]
     assert released[4:6] == ["", "o!"] and "".join(released) == "hello!"
+
+
+def test_each_released_token_carries_its_own_text_and_offset() -> None:
+    tok = GPT2Tokenizer()
+    text = IncrementalText(tok, ["d, an"])  # a stop string across tokens
+    sent_text, sent_tokens = "", []
+    for t in tok.encode("Hello world, and hello again"):
+        piece = text.add(t, info=t)
+        sent_text += piece.text
+        sent_tokens += piece.tokens
+        if piece.stopped:
+            break
+    assert sent_text == "Hello worl" == text.text
+    # every released token began before the cut; their offsets line up with the text
+    assert [t.offset for t in sent_tokens] == [0, 5]
+    assert "".join(t.text for t in sent_tokens).startswith(sent_text)
+    assert [t.info for t in sent_tokens] == [t.id for t in sent_tokens]
 
 
 def test_stream_never_splits_a_multibyte_character() -> None:
@@ -335,7 +400,7 @@ def test_stream_never_splits_a_multibyte_character() -> None:
     ids = tok.encode(sample)
     assert any("\ufffd" in tok.decode([i]) for i in ids)  # some tokens are partial characters
     text = IncrementalText(tok)
-    pieces = [text.add(i) for i in ids] + [text.finish()]
+    pieces = [text.add(i).text for i in ids] + [text.finish().text]
     assert "".join(pieces) == sample
     assert all("\ufffd" not in p for p in pieces)
 
@@ -344,9 +409,9 @@ def test_a_dangling_partial_character_is_replaced_at_the_end() -> None:
     tok = GPT2Tokenizer()
     ids = tok.encode("🙂")
     text = IncrementalText(tok)
-    pieces = [text.add(i) for i in ids[:-1]]
+    pieces = [text.add(i).text for i in ids[:-1]]
     assert "".join(pieces) == ""
-    assert text.finish() == tok.decode(ids[:-1])  # U+FFFD, as a one-shot decode gives
+    assert text.finish().text == tok.decode(ids[:-1])  # U+FFFD, as a one-shot decode gives
 
 
 def test_empty_prompt_starts_from_end_of_text() -> None:
@@ -620,11 +685,9 @@ def test_ids_past_the_tokenizer_are_never_sampled() -> None:
             assert c.tokens and max(c.tokens) < 40 and len(c.text) == len(c.tokens)
 
 
-def test_serve_engines_mask_ids_past_the_tokenizer() -> None:
-    from gpt2.serve.engine import RecomputeEngine, make_engine
-
+def test_the_engine_masks_ids_past_the_tokenizer() -> None:
     model, tok = padded_vocab_model()
-    for engine in [make_engine(model, 2, tok.vocab_size), RecomputeEngine(model, 2, 40)]:
-        logits = engine.prefill(0, [1, 2, 3], all_positions=True)  # (3, 64)
-        assert torch.isinf(logits[:, 40:]).all() and torch.isfinite(logits[:, :40]).all()
-        assert engine.decode([0], [5])[0].argmax() < 40
+    engine = KVCacheEngine(model, 2, vocab_limit=tok.vocab_size)
+    logits = engine.prefill(0, [1, 2, 3], all_positions=True)  # (3, 64)
+    assert torch.isinf(logits[:, 40:]).all() and torch.isfinite(logits[:, :40]).all()
+    assert engine.decode([0], [5])[0].argmax() < 40

@@ -20,12 +20,13 @@ import torch
 pytest.importorskip("fastapi")
 
 import httpx  # noqa: E402
+from cache_free import cache_free_greedy  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from gpt2.config import GPTConfig  # noqa: E402
+from gpt2.decode import KVCacheEngine  # noqa: E402
 from gpt2.model import GPT  # noqa: E402
 from gpt2.serve.app import create_app  # noqa: E402
-from gpt2.serve.engine import RecomputeEngine  # noqa: E402
 from gpt2.serve.limits import Limits  # noqa: E402
 from gpt2.serve.live import running_server  # noqa: E402
 from gpt2.tokenizer import GPT2Tokenizer  # noqa: E402
@@ -55,16 +56,6 @@ def client(model, tok):
         yield c
 
 
-def greedy_ids(model: GPT, prompt: list[int], n: int) -> list[int]:
-    """The reference: greedy decoding by running the model on the whole sequence each step."""
-    ids = list(prompt)
-    for _ in range(n):
-        with torch.no_grad():
-            logits, _ = model(torch.tensor([ids]))
-        ids.append(int(logits[0, -1].argmax()))
-    return ids[len(prompt) :]
-
-
 def sse_events(text: str) -> list[str]:
     return [line[len("data: ") :] for line in text.split("\n") if line.startswith("data: ")]
 
@@ -84,7 +75,7 @@ def hung_up(scheduler) -> bool:
     return stats.cancelling == 1 or stats.active == 0
 
 
-class GatedEngine(RecomputeEngine):
+class GatedEngine(KVCacheEngine):
     """Decode steps wait for the test to open the gate: a request stays in flight on demand."""
 
     def __init__(self, model: GPT, slots: int) -> None:
@@ -110,7 +101,7 @@ def test_greedy_completion_matches_the_model_and_reports_usage(client, model, to
     assert body["id"].startswith("cmpl-")
     (choice,) = body["choices"]
     prompt = tok.encode("Hello world")
-    ids = greedy_ids(model, prompt, 12)
+    ids = cache_free_greedy(model, prompt, 12)
     if EOT in ids:
         ids = ids[: ids.index(EOT)]
     assert choice["text"] == tok.decode(ids)
@@ -153,7 +144,7 @@ def test_echo_with_logprobs_scores_prompt_and_completion(client, model, tok):
     (choice,) = r.json()["choices"]
     lp = choice["logprobs"]
     ids = tok.encode(prompt)
-    gen = greedy_ids(model, ids, 4)
+    gen = cache_free_greedy(model, ids, 4)
     assert choice["text"].startswith(prompt)
     assert lp["tokens"] == [tok.decode([t]) for t in ids + gen]
     assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
@@ -172,7 +163,7 @@ def test_echo_with_logprobs_scores_prompt_and_completion(client, model, tok):
 
 def test_stop_string_ends_the_choice_without_the_stop_text(client, model, tok):
     ids = tok.encode("It was")
-    full = tok.decode(greedy_ids(model, ids, 20))
+    full = tok.decode(cache_free_greedy(model, ids, 20))
     stop = full[len(full) // 2 : len(full) // 2 + 3]
     r = client.post(
         "/v1/completions",

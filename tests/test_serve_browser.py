@@ -17,9 +17,9 @@ pytest.importorskip("fastapi")
 sync_api = pytest.importorskip("playwright.sync_api")
 
 from gpt2.config import GPTConfig  # noqa: E402
+from gpt2.decode import KVCacheEngine  # noqa: E402
 from gpt2.model import GPT  # noqa: E402
 from gpt2.serve.app import create_app  # noqa: E402
-from gpt2.serve.engine import RecomputeEngine  # noqa: E402
 from gpt2.serve.live import running_server  # noqa: E402
 from gpt2.tokenizer import GPT2Tokenizer  # noqa: E402
 
@@ -36,7 +36,7 @@ CHROMIUM_ARGS = [
 WAIT_MS = 30_000
 
 
-class StepByStep(RecomputeEngine):
+class StepByStep(KVCacheEngine):
     """Each decode step waits for the test's go-ahead, so text can be seen arriving mid-stream."""
 
     def __init__(self, model: GPT, slots: int) -> None:

@@ -50,7 +50,7 @@ from gpt2.config import GPTConfig, TrainConfig, padded_vocab_size
 from gpt2.device import resolve_device, resolve_dtype
 from gpt2.errors import UserError
 from gpt2.evaluate import Task, load_task
-from gpt2.generate import generate
+from gpt2.generate import SamplingParams, complete
 from gpt2.loader import Layout, TrainBatches, WindowSequence, fixed_batches
 from gpt2.metrics import (
     MetricsLog,
@@ -476,21 +476,22 @@ class Trainer:
         return out
 
     def sample(self, n_tokens: int, temperature: float = 0.8, top_k: int = 200) -> str:
-        """A short sample from the start-of-text (end-of-text id, or a newline for characters)."""
+        """A short sample from the start-of-text (end-of-text id, or a newline for characters),
+        by the decode loop of `gpt2 sample` (ids past the tokenizer's, --pad-vocab's, masked)."""
         start = self.tokenizer.eot_token
         prompt = [start] if start is not None else self.tokenizer.encode("\n")
-        idx = torch.tensor([prompt], dtype=torch.long, device=self.device)
-        g = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
+        params = SamplingParams(
+            n_tokens,
+            temperature,
+            top_k,
+            seed=self.cfg.seed,
+            ignore_eot=True,  # a fixed length
+        )
         self.model.eval()
         with self._autocast():
-            out = generate(
-                self.model, idx, n_tokens, temperature=temperature, top_k=top_k, generator=g
-            )
+            text = complete(self.model, [prompt], params, self.tokenizer)[0].text
         self.model.train()
-        # Ids past the tokenizer's vocabulary exist only with --pad-vocab and are never trained
-        # towards; should one be drawn, it has no text.
-        ids = [i for i in out[0, len(prompt) :].tolist() if i < self.tokenizer.vocab_size]
-        return self.tokenizer.decode(ids)
+        return text or ""
 
     def _samples_everywhere(self) -> bool:
         """Under FSDP every process must run the model (each holds a shard of the weights)."""

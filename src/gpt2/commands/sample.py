@@ -7,10 +7,10 @@ import dataclasses
 import sys
 
 from gpt2.checkpoint import load_model
+from gpt2.decode_layout import QUANTIZE_MODES, prepare_for_decoding
 from gpt2.device import resolve_device
 from gpt2.errors import UserError
 from gpt2.generate import SamplingParams, complete, stream
-from gpt2.quantize import QUANTIZE_MODES, prepare_for_decoding
 from gpt2.tokenizer import Tokenizer
 
 

@@ -96,8 +96,8 @@ def run(args: argparse.Namespace) -> int:
             f"gpt2 serve needs the serve extra ({e.name} is missing): pip install -e '.[serve]'"
         ) from None
     from gpt2.checkpoint import load_model
+    from gpt2.decode_layout import prepare_for_decoding
     from gpt2.device import resolve_device
-    from gpt2.quantize import prepare_for_decoding
 
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be in 0..65535, got {args.port}")

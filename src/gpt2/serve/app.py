@@ -24,9 +24,9 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gpt2.decode import KVCacheEngine
 from gpt2.model import GPT
 from gpt2.serve.completions import Completions, plan
-from gpt2.serve.engine import DecodeEngine, make_engine
 from gpt2.serve.errors import APIError, install_error_handlers
 from gpt2.serve.limits import Limits
 from gpt2.serve.scheduler import Scheduler
@@ -52,15 +52,15 @@ def create_app(
     model_name: str = "gpt2",
     limits: Limits | None = None,
     api_key: str | None = None,
-    engine: DecodeEngine | None = None,
+    engine: KVCacheEngine | None = None,
 ) -> FastAPI:
     """An app serving ``model``; its scheduler starts with the app and stops with it."""
     limits = limits or Limits()
     # A vocabulary padded for speed (--pad-vocab) has ids past the tokenizer's: they are never
     # sampled, and a prompt may not hold them.
     vocab_size = min(model.config.vocab_size, tokenizer.vocab_size)
-    engine = engine or make_engine(model.eval(), limits.max_batch, vocab_size)
-    scheduler = Scheduler(engine, limits.max_queue)
+    engine = engine or KVCacheEngine(model.eval(), limits.max_batch, vocab_limit=vocab_size)
+    scheduler = Scheduler(engine, tokenizer.eot_token, limits.max_queue)
     context = engine.context
     created = int(time.time())
 

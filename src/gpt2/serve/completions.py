@@ -3,8 +3,8 @@
 `plan` turns a validated `CompletionRequest` into token ids and sampling settings (refusing what
 the limits forbid); `Completions.collect` waits for every choice and returns one response;
 `Completions.stream` yields server-sent events as tokens arrive. Either way the request's
-sequences are cancelled when it ends early (a client that leaves, a stop string), so the worker
-stops spending steps on them.
+sequences are cancelled when it ends early (a client that leaves), so the worker stops spending
+steps on them; stop strings end a sequence in the worker itself (`gpt2.decode`).
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
+from gpt2.detokenize import IncrementalText, TokenText, decode_all
 from gpt2.errors import UserError
+from gpt2.sampling import Sampled, Sampler, SamplingParams, default_seed
 from gpt2.serve.errors import APIError
 from gpt2.serve.limits import Limits, check_counts, check_lengths
-from gpt2.serve.sampling import Sampled, SamplingParams
 from gpt2.serve.scheduler import Event, QueueFull, Scheduler, Sequence
 from gpt2.serve.schemas import (
     MAX_STOP_SEQUENCES,
@@ -29,7 +30,6 @@ from gpt2.serve.schemas import (
     Logprobs,
     Usage,
 )
-from gpt2.serve.text import CompletionText, TokenText
 from gpt2.tokenizer import Tokenizer
 
 LOGIT_BIAS_RANGE = 100.0  # OpenAI's bound on each bias
@@ -43,22 +43,30 @@ class Plan:
     prompt_texts: list[str]
     n: int
     params: SamplingParams
-    stop: list[str]
     echo: bool
     stream: bool
     include_usage: bool
 
-    def choices(self) -> list[tuple[list[int], SamplingParams]]:
-        """OpenAI's order: prompt i's n choices have indexes i*n .. i*n+n-1. A seeded request
-        gives choice k the seed ``seed + k``, so that its n choices differ but repeat."""
-        out = []
-        for i, prompt in enumerate(self.prompts):
-            for j in range(self.n):
-                params = self.params
-                if params.seed is not None:
-                    params = replace(params, seed=params.seed + i * self.n + j)
-                out.append((prompt, params))
-        return out
+    def sequences(
+        self, tokenizer: Tokenizer, events: asyncio.Queue[Event], loop: asyncio.AbstractEventLoop
+    ) -> list[Sequence]:
+        """OpenAI's order: prompt i's n choices have indexes i*n .. i*n+n-1. Choice j of a
+        prompt samples with ``seed + j``, as sample j of ``gpt2 sample --num-samples``."""
+        p = self.params
+        seed = p.seed if p.seed is not None else default_seed()
+        score = self.echo and p.logprobs is not None
+        return [
+            Sequence(
+                i * self.n + j,
+                Sampler(p, prompt, seed + j),
+                IncrementalText(tokenizer, p.stop),
+                score,
+                events,
+                loop,
+            )
+            for i, prompt in enumerate(self.prompts)
+            for j in range(self.n)
+        ]
 
 
 def plan(
@@ -84,21 +92,26 @@ def plan(
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
     for ids in prompts:
         check_lengths(limits, context, len(ids), max_tokens)
-    echo = bool(req.echo)
+    temperature = 1.0 if req.temperature is None else req.temperature
+    top_p = 1.0 if req.top_p is None else req.top_p
+    if top_p == 0.0:  # OpenAI allows it: only the most likely token
+        temperature, top_p = 0.0, 1.0
     params = SamplingParams(
-        max_tokens=max_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
+        max_new_tokens=max_tokens,
+        temperature=temperature,
+        top_k=req.top_k if req.top_k and req.top_k > 0 else None,
+        top_p=top_p,
+        min_p=req.min_p or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
         logit_bias=_logit_bias(req.logit_bias, vocab_size),
-        seed=req.seed,
         logprobs=req.logprobs,
-        echo_logprobs=echo and req.logprobs is not None,
-        stop_token=tokenizer.eot_token,
+        stop=tuple(s for s in stop if s),
+        seed=req.seed,
     )
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return Plan(prompts, texts, n, params, stop, echo, bool(req.stream), include_usage)
+    return Plan(prompts, texts, n, params, bool(req.echo), bool(req.stream), include_usage)
 
 
 def _prompt_list(prompt: object) -> list[str | list[int]]:
@@ -128,15 +141,7 @@ def _encode(
             f"prompt: token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})",
             param="prompt",
         )
-    return list(prompt), _decode_all(tokenizer, list(prompt))
-
-
-def _decode_all(tokenizer: Tokenizer, ids: list[int]) -> str:
-    text = CompletionText(tokenizer, [])
-    for t in ids:
-        text.add(t)
-    text.finish()
-    return text.text
+    return list(prompt), decode_all(tokenizer, list(prompt)).text
 
 
 def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[int, float], ...]:
@@ -165,7 +170,7 @@ class ChoiceState:
     """One choice on the event loop's side: its text so far and why it ended."""
 
     index: int
-    text: CompletionText
+    text: str  # the completion's text so far
     echo_text: str  # sent before the completion when echo is on, else ""
     prompt_ids: list[int]
     prompt_scores: list[Sampled | None] | None = None
@@ -193,36 +198,36 @@ class Completions:
 
     def submit(self) -> None:
         """Queue every choice; a full queue is a 429."""
+        loop = asyncio.get_running_loop()
+        self.seqs = self.plan.sequences(self.tokenizer, self.events, loop)
         try:
-            self.seqs = self.scheduler.submit(self.plan.choices(), self.events)
+            self.scheduler.submit(self.seqs)
         except QueueFull as e:
             raise APIError(429, str(e), type="rate_limit_error", code="queue_full") from None
         for k, seq in enumerate(self.seqs):
-            i = k // self.plan.n
-            self.choices.append(
-                ChoiceState(
-                    k,
-                    CompletionText(self.tokenizer, self.plan.stop),
-                    self.plan.prompt_texts[i] if self.plan.echo else "",
-                    seq.prompt,
-                )
-            )
+            echo = self.plan.prompt_texts[k // self.plan.n] if self.plan.echo else ""
+            self.choices.append(ChoiceState(k, "", echo, seq.prompt))
 
     def cancel(self) -> None:
         self.scheduler.cancel([s for s in self.seqs if not s.cancelled])
 
+    async def _events(self) -> AsyncIterator[tuple[ChoiceState, Event]]:
+        """Each worker event with its choice, until every choice has ended (the caller folds
+        the event in with `_apply` before asking for the next)."""
+        pending = len(self.choices)
+        while pending:
+            event = await self.events.get()
+            c = self.choices[event.index]
+            if c.finish is not None:
+                continue  # tokens the worker made before it saw the cancellation
+            yield c, event
+            pending -= c.finish is not None
+
     async def collect(self) -> Completion:
         """Wait for every choice to end; the whole response."""
         try:
-            pending = len(self.choices)
-            while pending:
-                event = await self.events.get()
-                choice = self.choices[event.index]
-                if choice.finish is not None:
-                    continue  # tokens the worker made before it saw the cancellation
-                self._apply(choice, event)
-                if choice.finish is not None:
-                    pending -= 1
+            async for c, event in self._events():
+                self._apply(c, event)
         finally:
             self.cancel()
         return Completion(
@@ -237,26 +242,22 @@ class Completions:
         """Server-sent events: a chunk per piece of text, then ``data: [DONE]``. With echo, a
         choice's first chunk is its prompt (sent once the worker has scored it, if asked)."""
         try:
-            pending = len(self.choices)
-            while pending:
-                event = await self.events.get()
-                c = self.choices[event.index]
-                if c.finish is not None:
-                    continue  # tokens the worker made before it saw the cancellation
+            async for c, event in self._events():
                 if event.error is not None:
                     yield _sse(APIError(500, event.error, type="server_error").body())
                     return
-                sent_tokens, sent_chars = len(c.tokens), c.text.released
+                sent_tokens, sent_chars = len(c.tokens), len(c.text)
                 self._apply(c, event)
                 if self.plan.echo and not c.echo_sent:
                     c.echo_sent = True
-                    yield _sse(self._chunk(c, c.echo_text, self._prompt_logprobs(c), None))
-                text = c.text.text[sent_chars : c.text.released]
+                    yield _sse(
+                        self._chunk(c, c.echo_text, self._logprobs(self._prompt_tokens(c)), None)
+                    )
+                text = c.text[sent_chars:]
                 new = c.tokens[sent_tokens:]
                 if text or new or c.finish is not None:
-                    yield _sse(self._chunk(c, text, self._logprobs(c, new), c.finish))
-                if c.finish is not None:
-                    pending -= 1
+                    logprobs = self._logprobs(self._after_echo(c, new))
+                    yield _sse(self._chunk(c, text, logprobs, c.finish))
             if self.plan.include_usage:
                 last = Completion(
                     id=self.id,
@@ -278,67 +279,43 @@ class Completions:
             c.prompt_scores = event.prompt
         if event.token is not None:
             c.n_tokens += 1
-            is_eot = event.finish == "stop" and event.token.token == self.plan.params.stop_token
-            if not is_eot:
-                piece = c.text.add(event.token.token, event.token)
-                c.tokens.extend(piece.tokens)
-                if piece.stopped:
-                    c.finish = "stop"
-                    self.scheduler.cancel([self.seqs[c.index]])
-                    return
+        if event.piece is not None:
+            c.text += event.piece.text
+            c.tokens.extend(event.piece.tokens)
         if event.finish is not None:
-            piece = c.text.finish()
-            c.tokens.extend(piece.tokens)
-            c.finish = "stop" if piece.stopped else event.finish
+            c.finish = event.finish
 
     def _whole(self, c: ChoiceState) -> CompletionChoice:
-        prompt_lp = self._prompt_logprobs(c)
-        completion_lp = self._logprobs(c, c.tokens)
-        logprobs = None
-        if completion_lp is not None:
-            if prompt_lp is not None:
-                completion_lp = Logprobs(
-                    tokens=prompt_lp.tokens + completion_lp.tokens,
-                    token_logprobs=prompt_lp.token_logprobs + completion_lp.token_logprobs,
-                    top_logprobs=(prompt_lp.top_logprobs or [])
-                    + (completion_lp.top_logprobs or []),
-                    text_offset=prompt_lp.text_offset + completion_lp.text_offset,
-                )
-            logprobs = completion_lp
         return CompletionChoice(
-            text=c.echo_text + c.text.text,
+            text=c.echo_text + c.text,
             index=c.index,
-            logprobs=logprobs,
+            logprobs=self._logprobs(self._prompt_tokens(c) + self._after_echo(c, c.tokens)),
             finish_reason=c.finish,
         )
 
-    def _logprobs(self, c: ChoiceState, tokens: list[TokenText]) -> Logprobs | None:
-        """The ``logprobs`` object for generated ``tokens`` (None when not asked for)."""
+    def _logprobs(self, tokens: list[TokenText]) -> Logprobs | None:
+        """The ``logprobs`` object for ``tokens`` (None when not asked for); a token without
+        a score (the prompt's first) has null entries."""
         if self.plan.params.logprobs is None:
             return None
-        base = len(c.echo_text)
         return Logprobs(
             tokens=[t.text for t in tokens],
-            token_logprobs=[t.info.logprob for t in tokens],
-            top_logprobs=[self._top(t.text, t.info) for t in tokens],
-            text_offset=[base + t.offset for t in tokens],
-        )
-
-    def _prompt_logprobs(self, c: ChoiceState) -> Logprobs | None:
-        if not (self.plan.echo and self.plan.params.logprobs is not None):
-            return None
-        scores = c.prompt_scores or [None] * len(c.prompt_ids)
-        text = CompletionText(self.tokenizer, [])
-        tokens = [tok for t in c.prompt_ids for tok in text.add(t).tokens]
-        tokens += text.finish().tokens
-        return Logprobs(
-            tokens=[t.text for t in tokens],
-            token_logprobs=[s.logprob if s else None for s in scores],
-            top_logprobs=[
-                self._top(t.text, s) if s else None for t, s in zip(tokens, scores, strict=True)
-            ],
+            token_logprobs=[t.info.logprob if t.info else None for t in tokens],
+            top_logprobs=[self._top(t.text, t.info) if t.info else None for t in tokens],
             text_offset=[t.offset for t in tokens],
         )
+
+    def _prompt_tokens(self, c: ChoiceState) -> list[TokenText]:
+        """The prompt's tokens with their scores, when echo and logprobs are both asked."""
+        if not (self.plan.echo and self.plan.params.logprobs is not None):
+            return []
+        scores = c.prompt_scores or [None] * len(c.prompt_ids)
+        tokens = decode_all(self.tokenizer, c.prompt_ids).tokens
+        return [replace(t, info=s) for t, s in zip(tokens, scores, strict=True)]
+
+    def _after_echo(self, c: ChoiceState, tokens: list[TokenText]) -> list[TokenText]:
+        """Generated ``tokens`` with offsets into the returned text (after the echoed prompt)."""
+        return [replace(t, offset=len(c.echo_text) + t.offset) for t in tokens]
 
     def _top(self, text: str, s: Sampled) -> dict[str, float]:
         """The top alternatives, plus the chosen token (OpenAI: up to logprobs + 1 entries)."""

@@ -3,10 +3,14 @@
 Requests arrive on the event loop; model work happens here, on one thread, so the loop never
 blocks. Each loop of the worker:
 
-1. admits waiting sequences into free slots, prefilling each prompt and sampling its first token;
-2. drops sequences whose client went away (or that hit a stop string), freeing their slots;
+1. admits waiting sequences into free slots, prefilling their prompts and sampling their first
+   tokens;
+2. drops sequences whose client went away, freeing their slots;
 3. runs ONE decode step for all active sequences at once: a (B, V) batch of logits, sampled row
    by row with each request's own settings.
+
+The model work, the sampling and the text (stop strings included) are `gpt2.decode.Decoder`'s,
+the loop of the library and of ``gpt2 sample``; this module adds only the thread and the queue.
 
 A sequence joins the batch at the next step after it arrives and leaves it as soon as it ends, so
 a long request never holds short ones back. Tokens go back to the event loop through
@@ -20,16 +24,13 @@ import asyncio
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
-from gpt2.serve.engine import DecodeEngine
-from gpt2.serve.sampling import (
-    Sampled,
-    SamplingParams,
-    SequenceSampler,
-    prompt_logprobs,
-    sample,
-)
+from gpt2.decode import Decoder, DecodeSequence, KVCacheEngine, Step
+from gpt2.detokenize import IncrementalText, Piece
+from gpt2.sampling import Sampled, Sampler
 
 log = logging.getLogger(__name__)
 
@@ -44,28 +45,27 @@ class Event:
 
     index: int
     token: Sampled | None = None
-    finish: str | None = None  # "length" or "stop" (end of text): no more events follow
+    piece: Piece | None = None  # the text that token released, with the tokens it completes
+    finish: str | None = None  # "length" or "stop" (end of text, a stop string): no more events
     prompt: list[Sampled | None] | None = None  # the prompt's scores (echo with logprobs)
     error: str | None = None  # the model failed on this sequence: no more events follow
 
 
-class Sequence:
+class Sequence(DecodeSequence):
     """One choice being generated. The worker owns its state; the loop reads its events."""
 
     def __init__(
         self,
         index: int,
-        prompt: list[int],
-        params: SamplingParams,
+        sampler: Sampler,
+        text: IncrementalText,
+        score_prompt: bool,
         events: asyncio.Queue[Event],
         loop: asyncio.AbstractEventLoop,
     ) -> None:
+        super().__init__(sampler, text, score_prompt)
         self.index = index
-        self.prompt = prompt
-        self.params = params
-        self.sampler = SequenceSampler(params)
         self.cancelled = False  # set from the loop; read by the worker between steps
-        self.slot: int | None = None
         self._events = events
         self._loop = loop
 
@@ -89,13 +89,12 @@ class Stats:
 class Scheduler:
     """Admits sequences into the engine's slots and decodes them together on a worker thread."""
 
-    def __init__(self, engine: DecodeEngine, max_queue: int) -> None:
+    def __init__(self, engine: KVCacheEngine, eot: int | None, max_queue: int) -> None:
         self.engine = engine
+        self.decoder = Decoder(engine, eot)  # touched by the worker thread only
         self.max_queue = max_queue
         self._cond = threading.Condition()
         self._waiting: deque[Sequence] = deque()
-        self._active: list[Sequence] = []
-        self._free = list(range(engine.slots - 1, -1, -1))
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._steps = 0
@@ -104,12 +103,8 @@ class Scheduler:
 
     # --- called from the event loop -------------------------------------------------------
 
-    def submit(
-        self, items: list[tuple[list[int], SamplingParams]], events: asyncio.Queue[Event]
-    ) -> list[Sequence]:
-        """Queue one sequence per (prompt, params); all or none. Events go to ``events``."""
-        loop = asyncio.get_running_loop()
-        seqs = [Sequence(i, p, params, events, loop) for i, (p, params) in enumerate(items)]
+    def submit(self, seqs: list[Sequence]) -> None:
+        """Queue ``seqs``; all or none."""
         with self._cond:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
@@ -120,21 +115,21 @@ class Scheduler:
             self._waiting.extend(seqs)
             self._start_locked()
             self._cond.notify()
-        return seqs
 
     def cancel(self, seqs: list[Sequence]) -> None:
-        """Stop generating ``seqs`` (the client left, or a stop string ended them)."""
+        """Stop generating ``seqs`` (the client left)."""
         with self._cond:
             for s in seqs:
                 s.cancelled = True
             self._cond.notify()
 
     def stats(self) -> Stats:
+        active = list(self.decoder.active)  # a copy made at once: the worker changes the list
         with self._cond:
             return Stats(
-                active=len(self._active),
+                active=len(active),
                 waiting=len(self._waiting),
-                cancelling=sum(s.cancelled for s in self._active),
+                cancelling=sum(s.cancelled for s in active),
                 decode_steps=self._steps,
                 decoded_tokens=self._decoded,
                 largest_batch=self._largest,
@@ -160,119 +155,48 @@ class Scheduler:
     # --- the worker thread ----------------------------------------------------------------
 
     def _run(self) -> None:
+        decoder = self.decoder
         while True:
             with self._cond:
-                while not (self._stopping or self._waiting or self._active):
+                while not (self._stopping or self._waiting or decoder.active):
                     self._cond.wait()
                 if self._stopping:
                     break
-                admitted = []
-                while self._waiting and self._free:
+                admitted: list[Sequence] = []
+                while self._waiting and len(admitted) < len(decoder.free):
                     seq = self._waiting.popleft()
                     if not seq.cancelled:
-                        seq.slot = self._free.pop()
                         admitted.append(seq)
-            self._prefill_all(admitted)
-            self._drop_cancelled()
-            if self._active:
-                self._decode_step()
+            if admitted:
+                self._work(admitted, partial(decoder.admit, admitted), "prefill")
+            for seq in [s for s in decoder.active if s.cancelled]:  # type: ignore[attr-defined]
+                decoder.drop(seq)
+            batch = list(decoder.active)
+            if batch and self._work(batch, decoder.step, "decode step"):
+                with self._cond:
+                    self._steps += 1
+                    self._decoded += len(batch)
+                    self._largest = max(self._largest, len(batch))
         with self._cond:
-            left = list(self._waiting) + self._active
+            left = list(self._waiting) + list(decoder.active)
             self._waiting.clear()
         for seq in left:
-            self._end(seq, Event(seq.index, error="the server is shutting down"))
+            decoder.drop(seq)
+            seq.emit(Event(seq.index, error="the server is shutting down"))
 
-    def _prefill_all(self, seqs: list[Sequence]) -> None:
-        """Prefill newly admitted sequences: in one forward pass where the engine can
-        (``prefill_batch``), one by one where a sequence needs more than its last logits."""
-        together = [s for s in seqs if s.params.max_tokens > 0 and not s.params.echo_logprobs]
-        batched = getattr(self.engine, "prefill_batch", None)
-        if batched is None or len(together) < 2:
-            together = []
-        for seq in seqs:
-            if seq not in together:
-                self._prefill(seq)
-        if not together:
-            return
+    def _work(self, seqs: list, run: Callable[[], list[Step]], what: str) -> bool:
+        """Run ``run`` (a prefill or a decode step of ``seqs``) and send what each sequence did;
+        if it fails (a bug, out of memory), those sequences fail and the server lives on."""
         try:
-            logits = batched([s.slot for s in together], [s.prompt for s in together])  # (B, V)
-            picks = sample(logits, [s.sampler for s in together])
+            steps = run()
         except Exception as e:
-            log.exception("batched prefill failed")
-            for s in together:
-                self._end(s, Event(s.index, error=f"generation failed: {type(e).__name__}"))
-            return
-        with self._cond:
-            self._active.extend(together)
-        for s, pick in zip(together, picks, strict=True):
-            self._accept(s, pick)
-
-    def _prefill(self, seq: Sequence) -> None:
-        p = seq.params
-        try:
-            if p.max_tokens == 0 and not p.echo_logprobs:
-                self._end(seq, Event(seq.index, finish="length"))
-                return
-            logits = self.engine.prefill(seq.slot, seq.prompt, all_positions=p.echo_logprobs)
-            if p.echo_logprobs:
-                seq.emit(
-                    Event(seq.index, prompt=prompt_logprobs(logits, seq.prompt, p.logprobs or 0))
-                )
-            if p.max_tokens == 0:
-                self._end(seq, Event(seq.index, finish="length"))
-                return
-            with self._cond:
-                self._active.append(seq)
-            self._accept(seq, sample(logits[-1:], [seq.sampler])[0])
-        except Exception as e:  # a bug or out of memory: this sequence fails, the server lives
-            log.exception("prefill failed")
-            self._end(seq, Event(seq.index, error=f"generation failed: {type(e).__name__}"))
-
-    def _decode_step(self) -> None:
-        batch = list(self._active)
-        try:
-            logits = self.engine.decode(
-                [s.slot for s in batch], [s.sampler.generated[-1] for s in batch]
-            )  # (B, V)
-            picks = sample(logits, [s.sampler for s in batch])
-        except Exception as e:
-            log.exception("decode step failed")
-            for s in batch:
-                self._end(s, Event(s.index, error=f"generation failed: {type(e).__name__}"))
-            return
-        with self._cond:
-            self._steps += 1
-            self._decoded += len(batch)
-            self._largest = max(self._largest, len(batch))
-        for s, pick in zip(batch, picks, strict=True):
-            self._accept(s, pick)
-
-    def _accept(self, seq: Sequence, pick: Sampled) -> None:
-        """Record a sampled token, send it, and end the sequence if it is done."""
-        seq.sampler.generated.append(pick.token)
-        p = seq.params
-        finish = None
-        if p.stop_token is not None and pick.token == p.stop_token:
-            finish = "stop"
-        elif len(seq.sampler.generated) >= p.max_tokens:
-            finish = "length"
-        if finish is None:
-            seq.emit(Event(seq.index, token=pick))
-        else:
-            self._end(seq, Event(seq.index, token=pick, finish=finish))
-
-    def _drop_cancelled(self) -> None:
-        for seq in [s for s in self._active if s.cancelled]:
-            self._end(seq, None)
-
-    def _end(self, seq: Sequence, last: Event | None) -> None:
-        """Send the last event (if any) and give the slot back."""
-        if last is not None:
-            seq.emit(last)
-        with self._cond:
-            if seq in self._active:
-                self._active.remove(seq)
-            if seq.slot is not None:
-                self.engine.release(seq.slot)
-                self._free.append(seq.slot)
-                seq.slot = None
+            log.exception("%s failed", what)
+            for seq in seqs:
+                self.decoder.drop(seq)
+                seq.emit(Event(seq.index, error=f"generation failed: {type(e).__name__}"))
+            return False
+        for step in steps:
+            finish = "stop" if step.finish == "eot" else step.finish
+            event = Event(step.seq.index, step.token, step.piece, finish, step.prompt_scores)
+            step.seq.emit(event)  # type: ignore[attr-defined]
+        return True

@@ -1,7 +1,9 @@
 """Request and response bodies of the completions API, in OpenAI's shapes.
 
 The request is validated strictly: a number sent as a string, an unknown field or a value out of
-OpenAI's documented range is refused with a 400 before any model work. Limits that depend on the
+OpenAI's documented range is refused with a 400 before any model work. Three settings of the
+library that OpenAI lacks (``top_k``, ``min_p``, ``repetition_penalty``) are accepted as extra
+fields, as vLLM does. Limits that depend on the
 model or the server (context length, ``max_tokens``, ``n``) are checked later, in ``limits.py``.
 """
 
@@ -52,6 +54,15 @@ class CompletionRequest(BaseModel):
     )
     seed: int | None = Field(
         None, ge=-(2**63), lt=2**64, description="the same seed and request give the same text"
+    )
+    top_k: int | None = Field(
+        None, ge=-1, description="extra (as vLLM): sample among the k most likely; 0 or -1: all"
+    )
+    min_p: float | None = Field(
+        None, ge=0.0, le=1.0, description="extra (as vLLM): drop tokens below min_p x the top one"
+    )
+    repetition_penalty: float | None = Field(
+        None, gt=0.0, le=10.0, description="extra (as vLLM): > 1 discourages tokens already seen"
     )
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)

@@ -1,4 +1,5 @@
-"""Weights arranged for fast decoding on the CPU: fp32 read in its fastest layout, or int8.
+"""The model laid out for fast decoding on the CPU: fp32 weights read in their fastest layout
+(and split across threads), or int8 weights.
 
 Decoding one sequence multiplies a single row of activations by every weight matrix once per
 token: the time is the time to read the weights from memory (about 0.5 GB per token for GPT-2
@@ -7,16 +8,15 @@ inference (`prepare_for_decoding`):
 
 - ``decode_layout``: every ``nn.Linear`` weight keeps its shape, name and values but is *stored*
   with its longer side contiguous: the wide layers, the tied 50257 x 768 output head included,
-  as (in, out) in memory, the others as the usual (out, in). MKL streams a wide weight for one
-  row of input at 20-25 GB/s here in (in, out) memory, against 14-16 GB/s in (out, in)
-  (bench/NOTES.md). The embedding lookup reads the head's storage with a stride, one row per
-  token: negligible.
+  as (in, out) in memory, the others as the usual (out, in): MKL streams a wide weight for one
+  row of input faster when its contiguous rows are long (figures: bench/NOTES.md). The embedding
+  lookup reads the head's storage with a stride, one row per token: negligible.
 - ``SplitLinear``: with two or more torch threads, each ``nn.Linear`` multiplies its few rows
   of input by the weight in ``p`` contiguous blocks at once, one ``torch.bmm`` of ``p``
   products: blocks of the input side for a weight stored (in, out) (then a sum of ``p`` partial
   rows), of the output side for one stored (out, in). MKL runs a one-row product on a single
-  core, and one core reads memory at 15-19 GB/s here against 26-28 GB/s for two; the blocks let
-  every thread stream its own part of the weight.
+  core, and one core reads less of the memory bandwidth than two (bench/NOTES.md); the blocks
+  let every thread stream its own part of the weight.
 - ``int8``: each ``nn.Linear`` becomes `Int8Linear`: weights in int8 with one scale per output
   channel (4x fewer bytes than fp32), activations quantized per tensor on the fly (dynamic
   quantization, PyTorch's fbgemm/x86 kernels). The output head gets an int8 copy of the token
@@ -82,7 +82,7 @@ class SplitLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Called ~50 times a token, so every step here was measured (bench/NOTES.md). The
         # parameters come from `_parameters` itself: `self.weight` goes through
-        # Module.__getattr__, a few microseconds a call on a slow CPU.
+        # Module.__getattr__, a Python function (its cost: bench/NOTES.md).
         params = self._parameters
         weight, bias = params["weight"], params["bias"]
         rows = x.numel() // self.in_features
@@ -178,14 +178,14 @@ def split_across_threads(model: GPT) -> GPT:
 def decode_layout(model: GPT) -> GPT:
     """Store each linear weight in the layout read fastest for one row of input, in place.
 
-    Values, shapes and names are unchanged; only the strides differ. Measured here
-    (bench/NOTES.md): MKL streams a weight fastest when its contiguous rows are long, so the
+    Values, shapes and names are unchanged; only the strides differ. MKL streams a weight
+    fastest when its contiguous rows are long (measured: bench/NOTES.md), so the
     wide layers (c_attn, c_fc, and the 50257-wide output head, which is tied to the embedding
     and so changes with it) are stored (in, out), the square attn.c_proj and the tall
     mlp.c_proj keep the usual (out, in). With two or more threads (`SplitLinear`), either way
     each thread's block of the weight is one contiguous stretch of memory: the wide weights are
     cut along the input side, the others along the output side, which reads the tall mlp.c_proj
-    about 15% faster than cutting its 3072 inputs.
+    faster than cutting its 3072 inputs.
     """
     with torch.no_grad():
         for module in model.modules():
@@ -237,7 +237,7 @@ def without_dropout(model: GPT) -> GPT:
     """Replace every ``nn.Dropout`` by ``nn.Identity``, in place.
 
     In eval mode dropout returns its input, but the call still goes through ``F.dropout``'s
-    checks, 37 times a GPT-2 decode step: about 0.3 ms of it on a slow CPU (bench/NOTES.md).
+    checks, 37 times a GPT-2 decode step (its cost: bench/NOTES.md).
     """
     return replace_modules(model, nn.Dropout, lambda _: nn.Identity())
 
@@ -268,8 +268,8 @@ def pin_submodules(model: GPT) -> GPT:
     """Put each submodule in its parent's instance ``__dict__``, in place.
 
     ``self.ln_1`` on an ``nn.Module`` fails the ordinary lookup and falls back to
-    ``Module.__getattr__``, a Python function searching three dicts: about 2 microseconds here,
-    a dozen times per block per token. With the reference in ``__dict__`` it is a plain attribute
+    ``Module.__getattr__``, a Python function searching three dicts, a dozen times per block per
+    token (its cost: bench/NOTES.md). With the reference in ``__dict__`` it is a plain attribute
     read. ``Module.__setattr__`` drops the copy when a submodule is replaced, so the two never
     disagree; parameters are left alone (``Module._apply`` may swap them in ``_parameters``).
     """
