@@ -61,6 +61,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"sequences waiting for a slot before 429 (default: {d.max_queue})",
     )
     p.add_argument(
+        "--max-queued-tokens",
+        type=int,
+        default=d.max_queued_tokens,
+        help="prompt plus completion tokens of the waiting sequences before 429 "
+        f"(default: {d.max_queued_tokens})",
+    )
+    p.add_argument(
         "--max-tokens",
         type=int,
         default=None,
@@ -108,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
             max_prompts=args.max_prompts,
             max_batch=args.max_batch,
             max_queue=args.max_queue,
+            max_queued_tokens=args.max_queued_tokens,
         )
     except ValueError as e:
         raise UserError(str(e).replace("max_", "--max-").replace("_", "-")) from None
@@ -129,8 +137,8 @@ def run(args: argparse.Namespace) -> int:
         name = args.model_name or _default_name(args.checkpoint)
         app = create_app(model, tokenizer, model_name=name, limits=limits, api_key=args.api_key)
         c = model.config
-        slot_mib = 2 * c.n_layer * c.block_size * c.n_embd * 4 / 2**20  # fp32 keys and values
-        log.info("KV cache: %d slots x %.0f MiB (--max-batch)", limits.max_batch, slot_mib)
+        slot_bytes = 2 * c.n_layer * c.block_size * c.n_embd * 4  # fp32 keys and values
+        log.info("KV cache: %d slots x %s (--max-batch)", limits.max_batch, _size(slot_bytes))
         host, port = sock.getsockname()[:2]
         log.info("serving %s on http://%s:%d (playground at /)", name, host, port)
         config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
@@ -148,6 +156,15 @@ def load_model(source: str, device):  # -> tuple[GPT, Tokenizer]
         ckpt = load_checkpoint(source, device)
         return ckpt.model, ckpt.tokenizer
     return load_pretrained(source, device)
+
+
+def _size(n_bytes: int) -> str:
+    """``n_bytes`` in the largest binary unit that keeps the figure at least 1 (a tiny model's
+    cache slot is some KiB, not "0 MiB")."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes} bytes"
 
 
 def _default_name(source: str) -> str:
