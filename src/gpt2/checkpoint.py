@@ -41,6 +41,8 @@ from gpt2.config import GPTConfig, TrainConfig
 from gpt2.errors import UserError
 from gpt2.model import GPT
 from gpt2.tokenizer import Tokenizer, load_tokenizer
+from gpt2.torch_files import load_plain
+from gpt2.weights_check import check_finite, check_header_matches
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +77,7 @@ class Checkpoint:
     def _torch_file(self, name: str) -> dict[str, Any] | None:
         if self.path is None or not (self.path / name).is_file():
             return None
-        try:
-            return torch.load(self.path / name, map_location="cpu", weights_only=True)
-        except Exception as e:  # a truncated or foreign file: say which, whatever torch raised
-            raise UserError(f"checkpoint {self.path} has a corrupt {name}: {e}") from None
+        return load_plain(self.path / name, f"checkpoint {self.path} has a bad {name}")
 
 
 def step_dir_name(step: int) -> str:
@@ -296,10 +295,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         raise UserError(f"checkpoint {folder} has a corrupt {CONFIG_FILE}: {e}") from None
     if not (folder / WEIGHTS_FILE).is_file():
         raise UserError(f"checkpoint {folder} has no {WEIGHTS_FILE}")
+    where = f"checkpoint {folder}"
+    check_header_matches(model_config, folder / WEIGHTS_FILE, where, skip=TIED_KEY)
     try:
         weights = load_file(str(folder / WEIGHTS_FILE))
     except (SafetensorError, OSError) as e:
         raise UserError(f"checkpoint {folder} has corrupt weights ({WEIGHTS_FILE}): {e}") from None
+    check_finite(weights, where)
     model = GPT(model_config)
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)

@@ -44,6 +44,7 @@ from gpt2.tokenizer import (
     Tokenizer,
     tokenizer_from_dict,
 )
+from gpt2.weights_check import check_finite
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,9 @@ def _load_hf_model(folder: Path) -> GPT:
     data = read_hf_config(folder)
     config = config_from_hf(data, str(folder / CONFIG_FILE))
     tied = data.get("tie_word_embeddings", True) is not False
-    state = state_dict_from_hf(read_hf_weights(folder), config, str(folder), head_required=not tied)
+    weights = read_hf_weights(folder)
+    check_finite(weights, str(folder))
+    state = state_dict_from_hf(weights, config, str(folder), head_required=not tied)
     return build_model(config, state)
 
 
@@ -403,14 +406,9 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     """A ``torch.save`` state dict, unpickling nothing but tensors and plain containers."""
-    import pickle
+    from gpt2.torch_files import load_plain
 
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as e:
-        raise UserError(
-            f"{path} cannot be loaded as plain tensors (weights_only=True): {_first_line(e)}"
-        ) from None
+    data = load_plain(path, str(path))
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise UserError(f"{path} is not a state dict of tensors")
     return data
@@ -422,8 +420,11 @@ def _read_shards(folder: Path, index_name: str, read: Any) -> dict[str, torch.Te
     if not isinstance(weight_map, dict) or not weight_map:
         raise UserError(f"{folder / index_name} has no weight_map")
     weights: dict[str, torch.Tensor] = {}
+    inside = folder.resolve()
     for shard in sorted(set(weight_map.values())):
-        path = folder / shard
+        path = folder / str(shard)
+        if not isinstance(shard, str) or not path.resolve().is_relative_to(inside):
+            raise UserError(f"{folder / index_name} lists {shard!r}, which is outside {folder}")
         if not path.is_file():
             raise UserError(f"{folder / index_name} lists {shard}, which is not in {folder}")
         weights.update(read(path))

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from gpt2.checkpoint import load_checkpoint
+from gpt2.commands.options import positive_int
 from gpt2.errors import UserError
 from gpt2.evaluate import (
     DEFAULT_BATCH_SIZE,
@@ -43,13 +44,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="a local copy of the data: text, .zip (WikiText) or .bin tokens for perplexity; "
         "jsonl for hellaswag and lambada (default: the task's public data set)",
     )
-    p.add_argument("--limit", type=int, help="only the first N items (perplexity: N scored tokens)")
     p.add_argument(
-        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+        "--limit", type=positive_int, help="only the first N items (perplexity: N scored tokens)"
+    )
+    p.add_argument(
+        "--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
         help=f"rows per forward pass (default: {DEFAULT_BATCH_SIZE})",
     )  # fmt: skip
     p.add_argument(
-        "--stride", type=int,
+        "--stride", type=positive_int,
         help="perplexity: tokens the window moves each step; each token then has at least "
         "block_size - stride tokens of context (default: block_size, no overlap)",
     )  # fmt: skip

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from gpt2.assets import fetch
+from gpt2.commands.options import float_in, positive_int
 from gpt2.corpus import Source, find_sources
 from gpt2.data import prepare
 from gpt2.errors import UserError
@@ -41,17 +42,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hf-split", default="train", help="the dataset's split (default: train)")
     p.add_argument("--tokenizer", help="char, gpt2, or a folder with a tokenizer.json (default: char for one text file, else gpt2)")  # fmt: skip
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--val-fraction", type=float,
+    p.add_argument("--val-fraction", type=float_in(0, 1, low_open=True, high_open=True),
                    help="share held out for validation: of the tokens for one text file (default 0.1), of the documents for shards (default 0.01)")  # fmt: skip
     p.add_argument(
         "--shard-tokens",
-        type=int,
+        type=positive_int,
         metavar="N",
         help="tokens per shard (default for corpora: 100000000)",
     )
     p.add_argument(
         "--workers",
-        type=int,
+        type=positive_int,
         default=os.cpu_count() or 1,
         help="encoding processes (default: one per CPU core)",
     )

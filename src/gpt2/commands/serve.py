@@ -8,6 +8,7 @@ import logging
 import os
 from pathlib import Path
 
+from gpt2.commands.options import int_in, positive_int
 from gpt2.errors import UserError
 
 log = logging.getLogger("gpt2.serve")
@@ -36,7 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="127.0.0.1",
         help="address to bind (default: 127.0.0.1, this machine only)",
     )
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: any free port)")
+    p.add_argument(
+        "--port", type=int_in(0, 65535), default=8000, help="port (default: 8000; 0: any free port)"
+    )
     p.add_argument(
         "--api-key",
         default=os.environ.get(API_KEY_ENV),
@@ -50,41 +53,44 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     p.add_argument(
         "--max-batch",
-        type=int,
+        type=positive_int,
         default=d.max_batch,
         help=f"sequences decoded together (default: {d.max_batch})",
     )
     p.add_argument(
         "--max-queue",
-        type=int,
+        type=positive_int,
         default=d.max_queue,
         help=f"sequences waiting for a slot before 429 (default: {d.max_queue})",
     )
     p.add_argument(
         "--max-queued-tokens",
-        type=int,
+        type=positive_int,
         default=d.max_queued_tokens,
         help="prompt plus completion tokens of the waiting sequences before 429 "
         f"(default: {d.max_queued_tokens})",
     )
     p.add_argument(
         "--max-tokens",
-        type=int,
+        type=positive_int,
         default=None,
         help="most tokens per completion (default: the context length)",
     )
     p.add_argument(
-        "--max-n", type=int, default=d.max_n, help=f"most choices per prompt (default: {d.max_n})"
+        "--max-n",
+        type=positive_int,
+        default=d.max_n,
+        help=f"most choices per prompt (default: {d.max_n})",
     )
     p.add_argument(
         "--max-prompts",
-        type=int,
+        type=positive_int,
         default=d.max_prompts,
         help=f"most prompts per request (default: {d.max_prompts})",
     )
     p.add_argument(
         "--max-body-bytes",
-        type=int,
+        type=positive_int,
         default=d.max_body_bytes,
         help=f"largest request body (default: {d.max_body_bytes // MiB} MiB)",
     )

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from gpt2.bpe import BPETokenizer
 from gpt2.bpe_train import count_words, train_bpe
+from gpt2.commands.options import non_empty, positive_int
 from gpt2.corpus import ReadStats, find_sources, read_corpus
 from gpt2.errors import UserError
 from gpt2.tokenizer import EOT_TEXT, get_tokenizer
@@ -30,17 +31,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="text files, .jsonl/.jsonl.gz, .parquet, or folders of them")  # fmt: skip
     t.add_argument(
         "--vocab-size",
-        type=int,
+        type=positive_int,
         required=True,
         help="ids in all: 256 bytes + merges + special tokens",
     )
     t.add_argument(
         "--out", required=True, help="output folder: tokenizer.json, plus vocab.json and merges.txt"
     )
-    t.add_argument("--special", action="append", metavar="TOKEN",
+    t.add_argument("--special", action="append", metavar="TOKEN", type=non_empty,
                    help=f"a special token, repeatable (default: {EOT_TEXT})")  # fmt: skip
     t.add_argument(
         "--text-field",
+        type=non_empty,
         default="text",
         help="the JSONL field or Parquet column holding the text (default: text)",
     )
