@@ -42,6 +42,7 @@ from gpt2.errors import UserError
 from gpt2.model import GPT
 from gpt2.tokenizer import Tokenizer, load_tokenizer
 from gpt2.torch_files import load_plain
+from gpt2.vocab_checks import check_tokenizer_fits
 from gpt2.weights_check import check_finite, check_header_matches
 
 log = logging.getLogger(__name__)
@@ -289,6 +290,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     folder = resolve_checkpoint_dir(path)
     try:
         config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+        if isinstance(config, dict) and "model_type" in config and "model" not in config:
+            raise UserError(
+                f"{folder} is a Hugging Face model folder, not one of this project's checkpoints "
+                "(it is already in Hugging Face's format; `gpt2 sample` and `gpt2 serve` read it)"
+            )
+        if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+            raise UserError(f"checkpoint {folder} has a {CONFIG_FILE} with no model entry")
         model_config = GPTConfig.from_dict(config["model"])
         train_config = TrainConfig.from_dict(config.get("train", {}))
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
@@ -314,4 +322,5 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         raise UserError(f"checkpoint {folder} does not match its config: {problem}")
     model.to(device)
     tokenizer = load_tokenizer(folder)
+    check_tokenizer_fits(tokenizer, model_config.vocab_size, where)
     return Checkpoint(model, tokenizer, train_config, config.get("state", {}), folder)

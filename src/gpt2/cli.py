@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -40,7 +41,9 @@ class ArgumentParser(argparse.ArgumentParser):
         self.register("type", float, finite_float)
 
     def error(self, message: str) -> NoReturn:
-        """Print ``message`` as one line and exit with status 2."""
+        """Print ``message`` as one line and exit with status 2 ("argument --x: must be ..."
+        from a typed value reads "--x must be ...")."""
+        message = re.sub(r"^argument ([^:]+): must ", r"\1 must ", message)
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -84,7 +87,10 @@ def _quiet_after_the_command(sub: argparse._SubParsersAction) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command in ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a usage error (2, its line already printed) or --help (0)
+        return e.code if isinstance(e.code, int) else 2
     if args.command is None:
         parser.print_help()
         return 2

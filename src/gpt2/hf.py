@@ -244,12 +244,29 @@ def resolve_source(source: str | Path) -> Path:
             f"{path} is a file; pass the folder that holds {CONFIG_FILE} and the weights"
         )
     name = str(source)
+    if looks_local(name):
+        raise UserError(f"{name}: no such file or folder")
     if name in HUB_ALIASES or HUB_REPO_ID.match(name):
         return download_from_hub(HUB_ALIASES.get(name, name))
     raise UserError(
         f"{name!r} is neither a folder nor a Hugging Face name (gpt2, gpt2-medium, gpt2-large, "
         "gpt2-xl or org/name)"
     )
+
+
+def looks_local(name: str) -> bool:
+    """A name that is meant as a path on this machine, not a Hub repository: it starts with
+    ``/``, ``.`` or ``~``, has more than one separator (or a backslash), ends in a file extension,
+    or its first part is a folder here (``out/mistyped``). A missing one is a missing path: the
+    Hub would only answer "not found" much later, with advice about downloading."""
+    if name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1:
+        return True
+    if Path(name).suffix.lower() in LOCAL_SUFFIXES:
+        return True
+    return "/" in name and Path(name).parent.is_dir()
+
+
+LOCAL_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json", ".gguf", ".toml"}
 
 
 def download_from_hub(repo_id: str) -> Path:

@@ -59,6 +59,7 @@ from gpt2.metrics import (
 )
 from gpt2.model import GPT
 from gpt2.tokenizer import load_tokenizer
+from gpt2.vocab_checks import check_ids_fit, tokenizer_difference
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +266,7 @@ class Trainer:
         self.tokens_per_step = layout.windows_per_step * block
         train_arrays = split_arrays(self.data_dir, "train")
         val_arrays = split_arrays(self.data_dir, "val")
+        check_ids_fit(train_arrays + val_arrays, model.config.vocab_size, str(self.data_dir))
         self.batches = TrainBatches(
             WindowSequence(train_arrays, block, cfg.seed, "the train split"), layout
         )
@@ -319,8 +321,8 @@ class Trainer:
             ckpt = load_resumable([Path(chosen)])
         if ckpt.tokenizer.to_dict() != self.tokenizer.to_dict():
             raise UserError(
-                f"checkpoint {ckpt.path} uses a {ckpt.tokenizer.kind} tokenizer but the data was "
-                f"prepared with {self.tokenizer.kind}"
+                f"checkpoint {ckpt.path} and the data in {self.data_dir} use different "
+                f"tokenizers: {tokenizer_difference(ckpt.tokenizer, self.tokenizer)}"
             )
         if self.is_main:
             log.info("resuming from %s (step %s)", ckpt.path, ckpt.state.get("step", "?"))
@@ -363,8 +365,9 @@ class Trainer:
         model, tokenizer = load_pretrained(source)
         if tokenizer.to_dict() != self.tokenizer.to_dict():
             raise UserError(
-                f"{source} uses a {tokenizer.kind} tokenizer but the data was prepared with "
-                f"{self.tokenizer.kind}; prepare the data with the model's tokenizer"
+                f"{source} and the data in {self.data_dir} use different tokenizers "
+                f"({tokenizer_difference(tokenizer, self.tokenizer)}); prepare the data with "
+                "the model's tokenizer"
             )
         if overrides.get("block_size"):
             model.crop_block_size(overrides["block_size"])

@@ -10,13 +10,6 @@ from pathlib import Path
 import torch
 
 from gpt2.checkpoint import load_checkpoint
-from gpt2.commands.options import (
-    float_in,
-    non_negative_float,
-    non_negative_int,
-    positive_float,
-    positive_int,
-)
 from gpt2.errors import UserError
 from gpt2.generate import SamplingParams, complete, stream
 from gpt2.model import GPT
@@ -35,38 +28,38 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", default="", help="text to continue (default: start of text)")
     p.add_argument(
         "--max-new-tokens",
-        type=non_negative_int,
+        type=int,
         default=200,
         help="tokens to generate per sample (default: 200)",
     )
     g = p.add_argument_group("decoding")
     g.add_argument(
         "--temperature",
-        type=non_negative_float,
+        type=float,
         default=0.8,
         help="0 is greedy; higher is more random (default: 0.8)",
     )
     g.add_argument(
         "--top-k",
-        type=non_negative_int,
+        type=int,
         default=200,
         help="sample among the k most likely tokens (default: 200; 0: all)",
     )
     g.add_argument(
         "--top-p",
-        type=float_in(0, 1, low_open=True),
+        type=float,
         default=1.0,
         help="nucleus: the fewest tokens with this much probability, in (0, 1] (default: 1, off)",
     )
     g.add_argument(
         "--min-p",
-        type=float_in(0, 1),
+        type=float,
         default=0.0,
         help="drop tokens less likely than this times the top token's probability (default: 0, off)",
     )
     g.add_argument(
         "--repetition-penalty",
-        type=positive_float,
+        type=float,
         default=1.0,
         help="CTRL's penalty on tokens already seen, > 1 discourages them (default: 1, off)",
     )
@@ -84,7 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument(
         "--num-beams",
-        type=positive_int,
+        type=int,
         default=1,
         help="beam search with this many beams; deterministic (default: 1, off)",
     )
@@ -113,9 +106,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--seed", type=int, default=1337, help="random seed: the same seed gives the same text"
     )
-    s.add_argument(
-        "--num-samples", type=positive_int, default=1, help="how many samples (default: 1)"
-    )
+    s.add_argument("--num-samples", type=int, default=1, help="how many samples (default: 1)")
     s.add_argument("--stream", action="store_true", help="print the text as it is generated")
     r = p.add_argument_group("speed")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
