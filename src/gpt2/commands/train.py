@@ -86,6 +86,8 @@ def resolve_configs(args: argparse.Namespace) -> tuple[TrainConfig, dict]:
         raise UserError(f"config file: unknown model field(s) {', '.join(sorted(unknown))}")
     train = TrainConfig.from_dict({**file_values, **given_flags(args, TrainConfig)})
     overrides = {**model_values, **given_flags(args, GPTConfig)}
+    # The shape is checked now, before data is prepared or read (its vocabulary comes later).
+    GPTConfig.preset(train.model, **{**overrides, "vocab_size": 1})
     return train, overrides
 
 
