@@ -85,6 +85,11 @@ BAD_OPTIONS = [
     (["serve", "--checkpoint", "x", "--max-queued-tokens", "-1"], "must be at least 1"),
     (["eval", "--checkpoint", "x", "--task", "lambada", "--batch-size", "0"], "must be at least"),
     (["sample", "--checkpoint", "x", "--temperature", "nan"], "must be a finite number"),
+    (["prepare", "--out", ""], "--out must not be empty"),
+    (["prepare", "--out", "x", "--text-field", ""], "--text-field must not be empty"),
+    (["export", "--checkpoint", "", "--out", "x"], "--checkpoint must not be empty"),
+    (["serve", "--checkpoint", " "], "--checkpoint must not be empty"),
+    (["train", "--out-dir", ""], "out_dir must not be empty"),
 ]  # fmt: skip
 
 

@@ -291,6 +291,8 @@ class TrainConfig:
                 raise UserError(
                     f"train config: {name} must not be negative, got {getattr(self, name)}"
                 )
+        if not self.out_dir.strip():
+            raise UserError("train config: out_dir must not be empty")
         if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda", "mps"):
             raise UserError(f"train config: unknown device {self.device!r} (auto, cpu, cuda, mps)")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

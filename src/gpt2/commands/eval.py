@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from gpt2.checkpoint import load_checkpoint
-from gpt2.commands.options import positive_int
+from gpt2.commands.options import non_empty, positive_int
 from gpt2.errors import UserError
 from gpt2.evaluate import (
     DEFAULT_BATCH_SIZE,
@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=f"Evaluate a model on one task. Default data (downloaded once): {defaults}.",
     )
     p.add_argument(
-        "--checkpoint", required=True,
+        "--checkpoint", required=True, type=non_empty,
         help="checkpoint folder (or run folder holding ckpt/), or a Hugging Face GPT-2 name/folder",
     )  # fmt: skip
     p.add_argument("--task", required=True, choices=TASKS, help="what to measure")
@@ -61,7 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="hellaswag: prompt and length normalisation of lm-evaluation-harness (characters) or "
         "of build-nanogpt (tokens) (default: harness)",
     )  # fmt: skip
-    p.add_argument("--out", help="JSON file for every figure (default: eval-TASK.json)")
+    p.add_argument(
+        "--out", type=non_empty, help="JSON file for every figure (default: eval-TASK.json)"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     p.set_defaults(func=run)
 

@@ -8,7 +8,7 @@ import logging
 import os
 from pathlib import Path
 
-from gpt2.commands.options import int_in, positive_int
+from gpt2.commands.options import int_in, non_empty, positive_int
 from gpt2.errors import UserError
 
 log = logging.getLogger("gpt2.serve")
@@ -29,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--checkpoint",
         required=True,
+        type=non_empty,
         help="our checkpoint folder (or the run folder holding ckpt/), or a Hugging Face GPT-2 "
         "name or folder",
     )

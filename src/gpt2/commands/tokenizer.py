@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True, parser_class=type(p))
 
     t = actions.add_parser("train", help="learn a GPT-2-style byte-level BPE vocabulary from text")
-    t.add_argument("--input", nargs="+", required=True, metavar="PATH",
+    t.add_argument("--input", nargs="+", required=True, metavar="PATH", type=non_empty,
                    help="text files, .jsonl/.jsonl.gz, .parquet, or folders of them")  # fmt: skip
     t.add_argument(
         "--vocab-size",
@@ -36,7 +36,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="ids in all: 256 bytes + merges + special tokens",
     )
     t.add_argument(
-        "--out", required=True, help="output folder: tokenizer.json, plus vocab.json and merges.txt"
+        "--out",
+        required=True,
+        type=non_empty,
+        help="output folder: tokenizer.json, plus vocab.json and merges.txt",
     )
     t.add_argument("--special", action="append", metavar="TOKEN", type=non_empty,
                    help=f"a special token, repeatable (default: {EOT_TEXT})")  # fmt: skip
@@ -58,7 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "export-hf", help="write a tokenizer's vocab.json and merges.txt for transformers"
     )
     e.add_argument("--tokenizer", required=True, help="gpt2, or a folder with a BPE tokenizer.json")
-    e.add_argument("--out", required=True, help="output folder for vocab.json and merges.txt")
+    e.add_argument(
+        "--out", required=True, type=non_empty, help="output folder for vocab.json and merges.txt"
+    )
     e.set_defaults(func=run_export)
 
 

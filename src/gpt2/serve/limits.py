@@ -12,6 +12,7 @@ schema, then the ids themselves, then the queue (sequences and tokens waiting).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from gpt2.serve.errors import APIError
@@ -88,12 +89,19 @@ def max_prompt_chars(context: int, longest_token_bytes: int) -> int:
     return context * max(1, longest_token_bytes)
 
 
-def check_prompt_size(body: object, context: int, max_chars: int, max_prompts: int) -> None:
-    """Refuse a prompt too long for the context from the parsed JSON body alone, before the schema
-    or the tokenizer look at it: only lengths are read, so the cost does not grow with the prompt.
+def check_prompt_size(body: bytes, context: int, max_chars: int, max_prompts: int) -> None:
+    """Refuse a prompt too long for the context from the request body alone, before the schema
+    or the tokenizer look at it: after one ``json.loads`` (C, bounded by the body limit) only
+    lengths are read, so the cost does not grow with the number of ids.
 
     Anything that is not a JSON object with a list or string ``prompt`` is left to the schema."""
-    prompt = body.get("prompt") if isinstance(body, dict) else None
+    try:
+        parsed = json.loads(body) if body.strip() else None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
+    except ValueError:
+        return  # not JSON: the route's own parser says so, in its words
+    prompt = parsed.get("prompt") if isinstance(parsed, dict) else None
     if isinstance(prompt, str):
         prompts: list = [prompt]
     elif isinstance(prompt, list):
