@@ -1,32 +1,38 @@
-# The three commands a new user needs: make install, make demo, make test.
+# The two commands a new user needs: make demo, make test. Each sets up .venv first when it is
+# missing or older than pyproject.toml (make install does only that).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
 # Point the asset cache at a local folder to work offline (tests use ../shared/data).
 export GPT2_CACHE_DIR ?= $(HOME)/.cache/gpt2
 
 .PHONY: install demo test test-numerics notebook lint format bench clean gpu-check gpu-check-dry-run
 
-install:  ## a virtual environment with torch 2.13.0 (CPU) and the package, editable, with test extras
+install: $(INSTALLED)  ## a virtual environment with torch 2.13.0 (CPU) and the package, editable, with test extras
+
+# The stamp is written last: an install that fails halfway is redone by the next make.
+$(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[test,dev]"
+	touch $@
 
-demo:  ## train a small character model on TinyShakespeare on the CPU, then sample
+demo: $(INSTALLED)  ## train a small character model on TinyShakespeare on the CPU, then sample
 	$(BIN)/gpt2 train
 
-test:  ## the test suite (what CI runs)
+test: $(INSTALLED)  ## the test suite (what CI runs); assets from ../shared/data or the user's cache
 	$(BIN)/python -m pytest
 
 # The numerically sensitive tests again under the other kernel set than this CPU's own: AVX2 on
 # an AVX-512 CPU, plain C++ on an AVX2 one. Sums taken in another order must still agree.
-test-numerics:  ## the tests marked numerics, under the older kernel set (CI runs this too)
+test-numerics: $(INSTALLED)  ## the tests marked numerics, under the older kernel set (CI runs this too)
 	@if $(BIN)/python -c "import sys, torch; sys.exit(torch.backends.cpu.get_cpu_capability() != 'AVX512')"; \
 	then isa=avx2 mkl=AVX2; else isa=default mkl=SSE4_2; fi; \
 	echo "numerics under ATEN_CPU_CAPABILITY=$$isa MKL_ENABLE_INSTRUCTIONS=$$mkl"; \
 	ATEN_CPU_CAPABILITY=$$isa MKL_ENABLE_INSTRUCTIONS=$$mkl $(BIN)/python -m pytest -m "numerics and not slow"
 
-notebook:  ## run notebooks/gpt2_walkthrough.ipynb top to bottom (a copy, outputs stripped); CI runs it
+notebook: $(INSTALLED)  ## run notebooks/gpt2_walkthrough.ipynb top to bottom (a copy, outputs stripped); CI runs it
 	$(BIN)/python scripts/run_notebook.py
 
 gpu-check:  ## on a CUDA GPU: correctness, training MFU, decoding vs transformers (<= 8 min; bench/NOTES.md)
@@ -35,10 +41,10 @@ gpu-check:  ## on a CUDA GPU: correctness, training MFU, decoding vs transformer
 gpu-check-dry-run:  ## the same steps on tiny shapes on the CPU (about a minute)
 	$(BIN)/python bench/gpu_check.py --device cpu --quick --results-dir out/gpu-check
 
-lint:
+lint: $(INSTALLED)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
-format:
+format: $(INSTALLED)
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
 
 clean:

@@ -1,4 +1,10 @@
-"""Shared test set-up: an asset cache copied from ../shared/data, so that no test downloads."""
+"""Shared test set-up: a writable asset cache for the session, so that no test downloads.
+
+The assets come from the first of: ``$GPT2_SHARED_DATA``, ``../shared/data`` (CI and this
+workspace), or the user's own cache (``$GPT2_CACHE_DIR``, else ``~/.cache/gpt2``), which is filled
+once through the project's sha256-checked downloader (`gpt2.assets.fetch`) on a machine with a
+network. Either way the session works on a copy, so no test can change the source.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +16,50 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("GPT2_SHARED_DATA", REPO.parent / "shared" / "data"))
+SHARED_ENV = "GPT2_SHARED_DATA"
+# What the suite reads: GPT-2's vocabulary (three files) and TinyShakespeare.
+TEST_ASSETS = (
+    "gpt2-tokenizer/encoder.json",
+    "gpt2-tokenizer/vocab.bpe",
+    "gpt2-tokenizer/gpt2.tiktoken",
+    "tinyshakespeare/input.txt",
+)
+
+
+def asset_source() -> Path:
+    """The folder to copy the session's assets from (see the module docstring)."""
+    if os.environ.get(SHARED_ENV):
+        shared = Path(os.environ[SHARED_ENV])
+        if not shared.is_dir():
+            pytest.exit(f"{SHARED_ENV}={shared} is not a folder", returncode=2)
+        return shared
+    if (REPO.parent / "shared" / "data").is_dir():
+        return REPO.parent / "shared" / "data"
+    from gpt2 import assets
+    from gpt2.errors import UserError
+
+    try:
+        for name in TEST_ASSETS:
+            assets.fetch(name)  # a file already there is only checked
+    except UserError as e:
+        pytest.exit(
+            f"test assets: not in ${SHARED_ENV}, ../shared/data or {assets.cache_dir()}, and "
+            f"cannot be downloaded: {e}",
+            returncode=2,
+        )
+    return assets.cache_dir()
 
 
 @pytest.fixture(scope="session", autouse=True)
 def asset_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A writable copy of the shared assets, used as $GPT2_CACHE_DIR for the whole session."""
-    if not SHARED_DATA.is_dir():
-        pytest.exit(f"test assets not found at {SHARED_DATA}; set GPT2_SHARED_DATA", returncode=2)
+    """A writable copy of the assets, used as $GPT2_CACHE_DIR for the whole session."""
+    source = asset_source()
     cache = tmp_path_factory.mktemp("gpt2-cache")
-    shutil.copytree(SHARED_DATA, cache, dirs_exist_ok=True)
+    for name in TEST_ASSETS:
+        if not (source / name).is_file():
+            pytest.exit(f"test assets: {source} has no {name}", returncode=2)
+        (cache / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / name, cache / name)
     for p in cache.rglob("*"):
         p.chmod(0o755 if p.is_dir() else 0o644)
     os.environ["GPT2_CACHE_DIR"] = str(cache)

@@ -115,7 +115,7 @@ def assert_same_function(a: torch.nn.Module, b: torch.nn.Module, data: Path) -> 
     pa, pb = key_bias_free(a), key_bias_free(b)
     for name in pa:
         assert torch.allclose(pa[name], pb[name], atol=1e-5), name
-    idx = torch.from_numpy(load_split(data, "val")[: 4 * 32].astype("int64")).view(4, 32)
+    idx = torch.from_numpy(load_split(data, "val")[0][: 4 * 32].astype("int64")).view(4, 32)
     with torch.no_grad():
         la, lb = a.eval()(idx)[0], b.eval()(idx)[0]
     assert torch.allclose(la, lb, atol=1e-4), (la - lb).abs().max()

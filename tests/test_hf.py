@@ -232,7 +232,7 @@ def test_pickle_with_code_is_refused(tiny, tmp_path: Path) -> None:
     _, folder = tiny
     shutil.copy(folder / "config.json", tmp_path)
     torch.save({"weights": GPTConfig()}, tmp_path / "pytorch_model.bin")  # an arbitrary object
-    with pytest.raises(UserError, match=r"cannot be loaded as plain tensors \(weights_only=True\)"):
+    with pytest.raises(UserError, match=r"not plain tensors .*GPTConfig.*will not be unpickled"):
         GPT.from_pretrained(str(tmp_path))
 
 
@@ -352,7 +352,7 @@ def test_folder_without_weights_or_config(tiny, tmp_path: Path) -> None:
 
 
 def test_a_path_that_is_not_a_name_or_folder(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="is neither a folder nor a Hugging Face name"):
+    with pytest.raises(UserError, match="no such file or folder"):
         GPT.from_pretrained(str(tmp_path / "no" / "such" / "folder"))
 
 

@@ -176,7 +176,7 @@ def test_resume_from_a_folder_that_is_not_a_checkpoint(char_data, tmp_path):
         Trainer(cfg, TINY, show_progress=False)
 
 
-def test_sigterm_saves_a_checkpoint_and_the_command_exits_cleanly(char_data, tmp_path):
+def test_sigterm_saves_a_checkpoint_and_the_command_exits_143(char_data, tmp_path):
     sig = signal.SIGTERM
     command = [
         sys.executable,
@@ -218,7 +218,7 @@ def test_sigterm_saves_a_checkpoint_and_the_command_exits_cleanly(char_data, tmp
             proc.send_signal(sig)
             break
     rest = proc.stderr.read()
-    assert proc.wait(timeout=120) == 0, "".join(seen) + rest
+    assert proc.wait(timeout=120) == 128 + sig, "".join(seen) + rest  # 143: the shell's code
     assert f"stopped by {sig.name}" in rest
     newest = step_checkpoints(tmp_path / "checkpoints")[0]
     ckpt = load_checkpoint(newest)

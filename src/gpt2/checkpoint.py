@@ -42,6 +42,9 @@ from gpt2.errors import UserError
 from gpt2.files import atomic_file, read_json, replaced_folder, write_json
 from gpt2.model import GPT
 from gpt2.tokenizer import Tokenizer, load_tokenizer
+from gpt2.torch_files import load_plain
+from gpt2.vocab_checks import check_tokenizer_fits
+from gpt2.weights_check import check_finite, check_header_matches
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +79,7 @@ class Checkpoint:
     def _torch_file(self, name: str) -> dict[str, Any] | None:
         if self.path is None or not (self.path / name).is_file():
             return None
-        try:
-            return torch.load(self.path / name, map_location="cpu", weights_only=True)
-        except Exception as e:  # a truncated or foreign file: say which, whatever torch raised
-            raise UserError(f"checkpoint {self.path} has a corrupt {name}: {e}") from None
+        return load_plain(self.path / name, f"checkpoint {self.path} has a bad {name}")
 
 
 def capture_rng() -> dict[str, Any]:
@@ -270,16 +270,26 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     folder = resolve_checkpoint_dir(path)
     try:
         config = read_json(folder / CONFIG_FILE)
+        if "model_type" in config and "model" not in config:
+            raise UserError(
+                f"{folder} is a Hugging Face model folder, not one of this project's checkpoints "
+                "(it is already in Hugging Face's format; `gpt2 sample` and `gpt2 serve` read it)"
+            )
+        if not isinstance(config.get("model"), dict):
+            raise UserError(f"checkpoint {folder} has a {CONFIG_FILE} with no model entry")
         model_config = GPTConfig.from_dict(config["model"])
         train_config = TrainConfig.from_dict(config.get("train", {}))
     except (UserError, KeyError, TypeError) as e:
         raise UserError(f"checkpoint {folder} has a corrupt {CONFIG_FILE}: {e}") from None
     if not (folder / WEIGHTS_FILE).is_file():
         raise UserError(f"checkpoint {folder} has no {WEIGHTS_FILE}")
+    where = f"checkpoint {folder}"
+    check_header_matches(model_config, folder / WEIGHTS_FILE, where, skip=TIED_KEY)
     try:
         weights = load_file(str(folder / WEIGHTS_FILE))
     except (SafetensorError, OSError) as e:
         raise UserError(f"checkpoint {folder} has corrupt weights ({WEIGHTS_FILE}): {e}") from None
+    check_finite(weights, where)
     model = GPT(model_config)
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
@@ -292,6 +302,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         raise UserError(f"checkpoint {folder} does not match its config: {problem}")
     model.to(device)
     tokenizer = load_tokenizer(folder)
+    check_tokenizer_fits(tokenizer, model_config.vocab_size, where)
     return Checkpoint(model, tokenizer, train_config, config.get("state", {}), folder)
 
 
@@ -325,10 +336,9 @@ def load_model(source: str | Path, device: str | torch.device = "cpu") -> tuple[
     if own is not None:
         ckpt = load_checkpoint(own, device)
         return ckpt.model, ckpt.tokenizer
-    if not path.exists() and (
-        str(source).startswith((".", "/", "~")) or str(source).count("/") > 1
-    ):
+    from gpt2.hf import load_hf, looks_local  # imported only here: gpt2.hf is large
+
+    if not path.exists() and looks_local(str(source)):  # a mistyped path, not a Hub name
         raise UserError(f"checkpoint folder not found: {path}")
-    from gpt2.hf import load_hf  # imported only for Hugging Face models: it is large
 
     return load_hf(path if path.exists() else str(source), device)

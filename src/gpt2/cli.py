@@ -8,12 +8,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from tqdm.auto import tqdm
 
+from gpt2.commands.options import finite_float
 from gpt2.errors import UserError
 
 # Each module defines ``register(subparsers)``, which adds its parser and sets ``func``.
@@ -31,10 +33,17 @@ COMMAND_MODULES = (
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (the usage is one ``--help`` away)."""
+    """argparse, but a usage error is one line (the usage is one ``--help`` away), and every
+    ``type=float`` flag refuses NaN and infinity (see `gpt2.commands.options`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register("type", float, finite_float)
 
     def error(self, message: str) -> NoReturn:
-        """Print ``message`` as one line and exit with status 2."""
+        """Print ``message`` as one line and exit with status 2 ("argument --x: must be ..."
+        from a typed value reads "--x must be ...")."""
+        message = re.sub(r"^argument ([^:]+): must ", r"\1 must ", message)
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -57,13 +66,31 @@ def build_parser() -> ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    _quiet_after_the_command(sub)
     return parser
+
+
+def _quiet_after_the_command(sub: argparse._SubParsersAction) -> None:
+    """``-q`` after the subcommand too (``gpt2 train -q``), at every level. Its default is
+    "not given" (SUPPRESS), so that a subcommand without it keeps what ``gpt2 -q`` set."""
+    for parser in sub.choices.values():
+        if not any("-q" in a.option_strings for a in parser._actions):
+            parser.add_argument(
+                "-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                help="no progress bars; only warnings and errors",
+            )  # fmt: skip
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _quiet_after_the_command(action)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command in ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a usage error (2, its line already printed) or --help (0)
+        return e.code if isinstance(e.code, int) else 2
     if args.command is None:
         parser.print_help()
         return 2

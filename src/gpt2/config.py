@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,38 @@ else:  # pragma: no cover - exercised only on Python 3.10
 
 
 VOCAB_MULTIPLE = 64  # --pad-vocab rounds up to this: tensor cores like multiples of 64
+
+# Sane upper bounds for a model's shape, checked before anything is allocated: a crafted
+# config.json ("vocab_size": 1000000000) must be refused, not asked for 512 GB. Each is far
+# above what GPT-2 (50257 ids, 48 layers, width 1600, context 1024) or any model this code could
+# train needs; the weights file's own header is checked against the config as well.
+SHAPE_LIMITS = {
+    "block_size": 1 << 20,
+    "vocab_size": 1 << 21,
+    "n_layer": 1024,
+    "n_head": 1024,
+    "n_embd": 1 << 16,
+}
+MAX_PARAMETERS = 1 << 40  # ~1.1e12: the embeddings plus 12 x n_embd^2 per layer
+
+
+def check_field_types(config: Any, what: str) -> None:
+    """Each field of the dataclass ``config`` holds its declared type (a TOML or JSON file may
+    give a string where a number belongs) and a float field is finite: NaN passes every range
+    check, since each comparison with it is False."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value, kind = getattr(config, f.name), hints[f.name]
+        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            raise UserError(f"{what}: {f.name} must be {_KIND_NAMES[kind]}, got {value!r}")
+        if kind is float and not math.isfinite(value):
+            raise UserError(f"{what}: {f.name} must be a finite number, got {value!r}")
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
 def padded_vocab_size(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
@@ -66,6 +99,18 @@ class GPTConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserError(f"model config: {name} must be a positive integer, got {value!r}")
+            if value > SHAPE_LIMITS[name]:
+                raise UserError(
+                    f"model config: {name} is {value}, over the limit of {SHAPE_LIMITS[name]}"
+                )
+        check_field_types(self, "model config")
+        e, n = self.n_embd, self.n_layer
+        estimate = (self.vocab_size + self.block_size) * e + 12 * n * e * e
+        if estimate > MAX_PARAMETERS:
+            raise UserError(
+                f"model config: this shape has about {estimate:.2e} parameters, over the limit "
+                f"of {MAX_PARAMETERS:.2e}"
+            )
         if self.n_embd % self.n_head != 0:
             raise UserError(
                 f"model config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
@@ -216,6 +261,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise `UserError` naming the first field that is out of range."""
+        check_field_types(self, "train config")
         positive = ("max_iters", "batch_size", "eval_interval", "eval_iters", "log_interval")
         positive += ("keep_last",)
         for name in positive:
@@ -242,8 +288,13 @@ class TrainConfig:
                 raise UserError(
                     f"train config: {name} must be in [0, 1), got {getattr(self, name)}"
                 )
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise UserError("train config: weight_decay and grad_clip must not be negative")
+        for name in ("weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise UserError(
+                    f"train config: {name} must not be negative, got {getattr(self, name)}"
+                )
+        if not self.out_dir.strip():
+            raise UserError("train config: out_dir must not be empty")
         if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda", "mps"):
             raise UserError(f"train config: unknown device {self.device!r} (auto, cpu, cuda, mps)")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

@@ -45,6 +45,7 @@ from gpt2.tokenizer_hf import (
     load_hf_tokenizer,
     save_hf_tokenizer,
 )
+from gpt2.weights_check import check_finite
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,9 @@ def _load_hf_model(folder: Path) -> GPT:
     data = read_hf_config(folder)
     config = config_from_hf(data, str(folder / CONFIG_FILE))
     tied = data.get("tie_word_embeddings", True) is not False
-    state = state_dict_from_hf(read_hf_weights(folder), config, str(folder), head_required=not tied)
+    weights = read_hf_weights(folder)
+    check_finite(weights, str(folder))
+    state = state_dict_from_hf(weights, config, str(folder), head_required=not tied)
     return build_model(config, state)
 
 
@@ -208,12 +211,29 @@ def resolve_source(source: str | Path) -> Path:
             f"{path} is a file; pass the folder that holds {CONFIG_FILE} and the weights"
         )
     name = str(source)
+    if looks_local(name):
+        raise UserError(f"{name}: no such file or folder")
     if name in HUB_ALIASES or HUB_REPO_ID.match(name):
         return download_from_hub(HUB_ALIASES.get(name, name))
     raise UserError(
         f"{name!r} is neither a folder nor a Hugging Face name (gpt2, gpt2-medium, gpt2-large, "
         "gpt2-xl or org/name)"
     )
+
+
+def looks_local(name: str) -> bool:
+    """A name that is meant as a path on this machine, not a Hub repository: it starts with
+    ``/``, ``.`` or ``~``, has more than one separator (or a backslash), ends in a file extension,
+    or its first part is a folder here (``out/mistyped``). A missing one is a missing path: the
+    Hub would only answer "not found" much later, with advice about downloading."""
+    if name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1:
+        return True
+    if Path(name).suffix.lower() in LOCAL_SUFFIXES:
+        return True
+    return "/" in name and Path(name).parent.is_dir()
+
+
+LOCAL_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json", ".gguf", ".toml"}
 
 
 def download_from_hub(repo_id: str) -> Path:
@@ -367,14 +387,9 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     """A ``torch.save`` state dict, unpickling nothing but tensors and plain containers."""
-    import pickle
+    from gpt2.torch_files import load_plain
 
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as e:
-        raise UserError(
-            f"{path} cannot be loaded as plain tensors (weights_only=True): {_first_line(e)}"
-        ) from None
+    data = load_plain(path, str(path))
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise UserError(f"{path} is not a state dict of tensors")
     return data
@@ -386,8 +401,11 @@ def _read_shards(folder: Path, index_name: str, read: Any) -> dict[str, torch.Te
     if not isinstance(weight_map, dict) or not weight_map:
         raise UserError(f"{folder / index_name} has no weight_map")
     weights: dict[str, torch.Tensor] = {}
+    inside = folder.resolve()
     for shard in sorted(set(weight_map.values())):
-        path = folder / shard
+        path = folder / str(shard)
+        if not isinstance(shard, str) or not path.resolve().is_relative_to(inside):
+            raise UserError(f"{folder / index_name} lists {shard!r}, which is outside {folder}")
         if not path.is_file():
             raise UserError(f"{folder / index_name} lists {shard}, which is not in {folder}")
         weights.update(read(path))

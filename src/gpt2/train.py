@@ -62,6 +62,7 @@ from gpt2.metrics import (
 from gpt2.model import GPT
 from gpt2.shards import SPLITS, load_split, read_meta
 from gpt2.tokenizer import load_tokenizer
+from gpt2.vocab_checks import check_ids_fit, tokenizer_difference
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +245,8 @@ class Trainer:
         layout = Layout(cfg.batch_size, self.accum_steps, env.rank, env.world_size)
         self.tokens_per_step = layout.windows_per_step * block
         splits = {split: load_split(self.data_dir, split) for split in SPLITS}
+        vocab = self.model.config.vocab_size
+        check_ids_fit([a for arrays in splits.values() for a in arrays], vocab, str(self.data_dir))
         train = WindowSequence(splits["train"], block, cfg.seed, "the train split")
         self.batches = TrainBatches(train, layout)
         n_batches = -(-cfg.eval_iters // env.world_size) * env.world_size
@@ -277,8 +280,8 @@ class Trainer:
             ckpt = load_resumable([Path(chosen)])
         if ckpt.tokenizer.to_dict() != self.tokenizer.to_dict():
             raise UserError(
-                f"checkpoint {ckpt.path} uses a {ckpt.tokenizer.kind} tokenizer but the data was "
-                f"prepared with {self.tokenizer.kind}"
+                f"checkpoint {ckpt.path} and the data in {self.data_dir} use different "
+                f"tokenizers: {tokenizer_difference(ckpt.tokenizer, self.tokenizer)}"
             )
         if self.is_main:
             log.info("resuming from %s (step %s)", ckpt.path, ckpt.state.get("step", "?"))
@@ -317,8 +320,9 @@ class Trainer:
         model, tokenizer = load_model(source)  # ours, a Hugging Face folder or a Hub name
         if tokenizer.to_dict() != self.tokenizer.to_dict():
             raise UserError(
-                f"{source} uses a {tokenizer.kind} tokenizer but the data was prepared with "
-                f"{self.tokenizer.kind}; prepare the data with the model's tokenizer"
+                f"{source} and the data in {self.data_dir} use different tokenizers "
+                f"({tokenizer_difference(tokenizer, self.tokenizer)}); prepare the data with "
+                "the model's tokenizer"
             )
         if overrides.get("block_size"):
             model.crop_block_size(overrides["block_size"])

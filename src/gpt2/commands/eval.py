@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from gpt2.checkpoint import load_model
+from gpt2.commands.options import non_empty, positive_int
 from gpt2.device import resolve_device
 from gpt2.errors import UserError
 from gpt2.evaluate import (
@@ -30,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=f"Evaluate a model on one task. Default data (downloaded once): {defaults}.",
     )
     p.add_argument(
-        "--checkpoint", required=True,
+        "--checkpoint", required=True, type=non_empty,
         help="checkpoint folder (or run folder holding ckpt/), or a Hugging Face GPT-2 name/folder",
     )  # fmt: skip
     p.add_argument("--task", required=True, choices=TASKS, help="what to measure")
@@ -39,13 +40,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="a local copy of the data: text, .zip (WikiText) or .bin tokens for perplexity; "
         "jsonl for hellaswag and lambada (default: the task's public data set)",
     )
-    p.add_argument("--limit", type=int, help="only the first N items (perplexity: N scored tokens)")
     p.add_argument(
-        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+        "--limit", type=positive_int, help="only the first N items (perplexity: N scored tokens)"
+    )
+    p.add_argument(
+        "--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
         help=f"rows per forward pass (default: {DEFAULT_BATCH_SIZE})",
     )  # fmt: skip
     p.add_argument(
-        "--stride", type=int,
+        "--stride", type=positive_int,
         help="perplexity: tokens the window moves each step; each token then has at least "
         "block_size - stride tokens of context (default: block_size, no overlap)",
     )  # fmt: skip
@@ -54,7 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="hellaswag: prompt and length normalisation of lm-evaluation-harness (characters) or "
         "of build-nanogpt (tokens) (default: harness)",
     )  # fmt: skip
-    p.add_argument("--out", help="JSON file for every figure (default: eval-TASK.json)")
+    p.add_argument(
+        "--out", type=non_empty, help="JSON file for every figure (default: eval-TASK.json)"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     p.set_defaults(func=run)
 

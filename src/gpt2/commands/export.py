@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from gpt2.commands.options import non_empty
+
 log = logging.getLogger(__name__)
 
 
@@ -16,9 +18,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "files, loadable by transformers.AutoModelForCausalLM and AutoTokenizer.",
     )
     p.add_argument(
-        "--checkpoint", required=True, help="checkpoint folder (or the run folder holding ckpt/)"
+        "--checkpoint",
+        required=True,
+        type=non_empty,
+        help="checkpoint folder (or the run folder holding ckpt/)",
     )
-    p.add_argument("--out", required=True, help="the Hugging Face folder to write")
+    p.add_argument("--out", required=True, type=non_empty, help="the Hugging Face folder to write")
     p.add_argument("--force", action="store_true", help="write into --out even if it is not empty")
     p.set_defaults(func=run)
 

@@ -1,20 +1,117 @@
 """Command-line flags generated from the config dataclasses, so each field is one flag whose
-help is the field's docstring, and a flag given on the command line wins over a config file."""
+help is the field's docstring, and a flag given on the command line wins over a config file; and
+the typed values every flag parses into, so that a value out of its range (0 where at least one is
+needed, a negative count, NaN or infinity, an empty name) is one line from argparse before any
+work starts, with the flag's name: ``--workers: must be at least 1, got '0'``.
+
+Every ``type=float`` flag is finite without asking (`finite_float`, registered for ``float`` by
+the command line's parser); ranges are named here, one function each, and given as ``type=``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
+from collections.abc import Callable
 from typing import Any
+
+Invalid = argparse.ArgumentTypeError
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise Invalid(f"must be an integer, got {text!r}") from None
+
+
+def finite_float(text: str) -> float:
+    """A number that is not NaN or infinite (``float("nan")`` parses, and then every
+    comparison a range check makes is False)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise Invalid(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise Invalid(f"must be a finite number, got {text!r}")
+    return value
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An integer of at least ``low``."""
+
+    def parse(text: str) -> int:
+        value = _int(text)
+        if value < low:
+            raise Invalid(f"must be at least {low}, got {text!r}")
+        return value
+
+    parse.__name__ = f"int_at_least_{low}"
+    return parse
+
+
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
+
+
+def int_in(low: int, high: int) -> Callable[[str], int]:
+    """An integer in ``low..high``."""
+
+    def parse(text: str) -> int:
+        value = _int(text)
+        if not low <= value <= high:
+            raise Invalid(f"must be in {low}..{high}, got {text!r}")
+        return value
+
+    return parse
+
+
+def float_in(
+    low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False
+) -> Callable[[str], float]:
+    """A finite number between ``low`` and ``high``, each end included unless said open."""
+    left, right = "(" if low_open else "[", ")" if high_open else "]"
+    shown = f"{left}{low:g}, {high:g}{right}" if math.isfinite(high) else None
+
+    def parse(text: str) -> float:
+        value = finite_float(text)
+        below = value <= low if low_open else value < low
+        above = value >= high if high_open else value > high
+        if below or above:
+            what = f"in {shown}" if shown else ("above" if low_open else "at least") + f" {low:g}"
+            raise Invalid(f"must be {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+non_negative_float = float_in(0.0)
+positive_float = float_in(0.0, low_open=True)
+
+
+def non_empty(text: str) -> str:
+    """A string with something in it besides white space."""
+    if not text.strip():
+        raise Invalid("must not be empty")
+    return text
+
 
 FLAG_DEST_PREFIX = "cfg__"
 
 
 def add_dataclass_flags(
-    parser: argparse.ArgumentParser, cls: type, title: str, exclude: tuple[str, ...] = ()
+    parser: argparse.ArgumentParser,
+    cls: type,
+    title: str,
+    exclude: tuple[str, ...] = (),
+    shown_defaults: dict[str, str] | None = None,
 ) -> None:
-    """One ``--field-name`` flag per field of ``cls``, defaulting to None ("not given")."""
+    """One ``--field-name`` flag per field of ``cls``, defaulting to None ("not given").
+
+    ``shown_defaults`` replaces the help's "(default: ...)" for fields whose value, when the flag
+    is not given, comes from elsewhere than the dataclass (a model preset's shape)."""
     group = parser.add_argument_group(title)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -23,7 +120,8 @@ def add_dataclass_flags(
         kind = hints[f.name]
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
+        shown = (shown_defaults or {}).get(f.name, repr(default))
+        help_text = f"{f.metadata.get('help', '')} (default: {shown})"
         dest = f"{FLAG_DEST_PREFIX}{cls.__name__}__{f.name}"
         if kind is bool:
             group.add_argument(

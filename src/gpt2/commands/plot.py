@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from gpt2.commands.options import non_empty
 from gpt2.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -13,7 +14,7 @@ log = logging.getLogger(__name__)
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plot", help="draw a run's loss and learning-rate curves to a PNG")
     p.add_argument("run_dir", help="the run's out_dir (it holds metrics.jsonl)")
-    p.add_argument("--out", help="PNG file to write (default: RUN_DIR/metrics.png)")
+    p.add_argument("--out", type=non_empty, help="PNG file to write (default: RUN_DIR/metrics.png)")
     p.set_defaults(func=run)
 
 

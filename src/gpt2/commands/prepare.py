@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from gpt2.assets import fetch
+from gpt2.commands.options import float_in, non_empty, positive_int
 from gpt2.corpus import Source, find_sources
 from gpt2.errors import UserError
 from gpt2.prepare import prepare_shards, prepare_text
@@ -31,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         # The module docstring, without its reST markup: --help shows it as plain text.
         description=__doc__.split("\n\n", 1)[1].replace("``", "") if __doc__ else None,
     )
-    p.add_argument("--input", nargs="+", metavar="PATH",
+    p.add_argument("--input", nargs="+", metavar="PATH", type=non_empty,
                    help="text files, .jsonl/.jsonl.gz, .parquet, or folders of them (default: TinyShakespeare, downloaded once)")  # fmt: skip
     p.add_argument("--hf-dataset", metavar="NAME",
                    help="a Hugging Face dataset, streamed (e.g. HuggingFaceFW/fineweb-edu), or a folder from save_to_disk; needs the datasets extra")  # fmt: skip
@@ -40,23 +41,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--hf-split", default="train", help="the dataset's split (default: train)")
     p.add_argument("--tokenizer", help="char (one text file only), gpt2, or a folder with a tokenizer.json (default: gpt2)")  # fmt: skip
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--val-fraction", type=float,
+    p.add_argument("--out", required=True, type=non_empty, help="output folder")
+    p.add_argument("--val-fraction", type=float_in(0, 1, low_open=True, high_open=True),
                    help="share held out for validation: of the tokens for one text file (default 0.1), of the documents for shards (default 0.01)")  # fmt: skip
     p.add_argument(
         "--shard-tokens",
-        type=int,
+        type=positive_int,
         metavar="N",
         help="tokens per shard (default for corpora: 100000000)",
     )
     p.add_argument(
         "--workers",
-        type=int,
+        type=positive_int,
         default=os.cpu_count() or 1,
         help="encoding processes (default: one per CPU core)",
     )
     p.add_argument(
         "--text-field",
+        type=non_empty,
         default="text",
         help="the JSONL field or Parquet/dataset column holding the text (default: text)",
     )

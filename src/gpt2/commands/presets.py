@@ -6,6 +6,7 @@ import argparse
 
 import torch
 
+from gpt2.commands.options import positive_int
 from gpt2.config import MODEL_PRESETS, GPTConfig
 from gpt2.model import GPT
 
@@ -20,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--vocab-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="count with this vocabulary (default: the preset's, else 65)",
     )

@@ -8,6 +8,7 @@ import logging
 import os
 from pathlib import Path
 
+from gpt2.commands.options import int_in, non_empty, positive_int
 from gpt2.errors import UserError
 
 log = logging.getLogger("gpt2.serve")
@@ -28,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--checkpoint",
         required=True,
+        type=non_empty,
         help="our checkpoint folder (or the run folder holding ckpt/), or a Hugging Face GPT-2 "
         "name or folder",
     )
@@ -36,7 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="127.0.0.1",
         help="address to bind (default: 127.0.0.1, this machine only)",
     )
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: any free port)")
+    p.add_argument(
+        "--port", type=int_in(0, 65535), default=8000, help="port (default: 8000; 0: any free port)"
+    )
     p.add_argument(
         "--api-key",
         default=os.environ.get(API_KEY_ENV),
@@ -50,34 +54,44 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     p.add_argument(
         "--max-batch",
-        type=int,
+        type=positive_int,
         default=d.max_batch,
         help=f"sequences decoded together (default: {d.max_batch})",
     )
     p.add_argument(
         "--max-queue",
-        type=int,
+        type=positive_int,
         default=d.max_queue,
         help=f"sequences waiting for a slot before 429 (default: {d.max_queue})",
     )
     p.add_argument(
+        "--max-queued-tokens",
+        type=positive_int,
+        default=d.max_queued_tokens,
+        help="prompt plus completion tokens of the waiting sequences before 429 "
+        f"(default: {d.max_queued_tokens})",
+    )
+    p.add_argument(
         "--max-tokens",
-        type=int,
+        type=positive_int,
         default=None,
         help="most tokens per completion (default: the context length)",
     )
     p.add_argument(
-        "--max-n", type=int, default=d.max_n, help=f"most choices per prompt (default: {d.max_n})"
+        "--max-n",
+        type=positive_int,
+        default=d.max_n,
+        help=f"most choices per prompt (default: {d.max_n})",
     )
     p.add_argument(
         "--max-prompts",
-        type=int,
+        type=positive_int,
         default=d.max_prompts,
         help=f"most prompts per request (default: {d.max_prompts})",
     )
     p.add_argument(
         "--max-body-bytes",
-        type=int,
+        type=positive_int,
         default=d.max_body_bytes,
         help=f"largest request body (default: {d.max_body_bytes // MiB} MiB)",
     )
@@ -109,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
             max_prompts=args.max_prompts,
             max_batch=args.max_batch,
             max_queue=args.max_queue,
+            max_queued_tokens=args.max_queued_tokens,
         )
     except ValueError as e:
         raise UserError(str(e).replace("max_", "--max-").replace("_", "-")) from None
@@ -130,13 +145,22 @@ def run(args: argparse.Namespace) -> int:
         name = args.model_name or _default_name(args.checkpoint)
         app = create_app(model, tokenizer, model_name=name, limits=limits, api_key=args.api_key)
         c = model.config
-        slot_mib = 2 * c.n_layer * c.block_size * c.n_embd * 4 / 2**20  # fp32 keys and values
-        log.info("KV cache: %d slots x %.0f MiB (--max-batch)", limits.max_batch, slot_mib)
+        slot_bytes = 2 * c.n_layer * c.block_size * c.n_embd * 4  # fp32 keys and values
+        log.info("KV cache: %d slots x %s (--max-batch)", limits.max_batch, _size(slot_bytes))
         host, port = sock.getsockname()[:2]
         log.info("serving %s on http://%s:%d (playground at /)", name, host, port)
         config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
         uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def _size(n_bytes: int) -> str:
+    """``n_bytes`` in the largest binary unit that keeps the figure at least 1 (a tiny model's
+    cache slot is some KiB, not "0 MiB")."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes} bytes"
 
 
 def _default_name(source: str) -> str:

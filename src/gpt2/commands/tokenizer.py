@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from gpt2.bpe import BPETokenizer
 from gpt2.bpe_train import count_words, train_bpe
+from gpt2.commands.options import non_empty, positive_int
 from gpt2.corpus import ReadStats, find_sources, read_corpus
 from gpt2.errors import UserError
 from gpt2.files import make_folder
@@ -27,21 +28,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True, parser_class=type(p))
 
     t = actions.add_parser("train", help="learn a GPT-2-style byte-level BPE vocabulary from text")
-    t.add_argument("--input", nargs="+", required=True, metavar="PATH",
+    t.add_argument("--input", nargs="+", required=True, metavar="PATH", type=non_empty,
                    help="text files, .jsonl/.jsonl.gz, .parquet, or folders of them")  # fmt: skip
     t.add_argument(
         "--vocab-size",
-        type=int,
+        type=positive_int,
         required=True,
         help="ids in all: 256 bytes + merges + special tokens",
     )
     t.add_argument(
-        "--out", required=True, help="output folder: tokenizer.json, plus vocab.json and merges.txt"
+        "--out",
+        required=True,
+        type=non_empty,
+        help="output folder: tokenizer.json, plus vocab.json and merges.txt",
     )
-    t.add_argument("--special", action="append", metavar="TOKEN",
+    t.add_argument("--special", action="append", metavar="TOKEN", type=non_empty,
                    help=f"a special token, repeatable (default: {EOT_TEXT})")  # fmt: skip
     t.add_argument(
         "--text-field",
+        type=non_empty,
         default="text",
         help="the JSONL field or Parquet column holding the text (default: text)",
     )
@@ -57,7 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "export-hf", help="write a tokenizer's vocab.json and merges.txt for transformers"
     )
     e.add_argument("--tokenizer", required=True, help="gpt2, or a folder with a BPE tokenizer.json")
-    e.add_argument("--out", required=True, help="output folder for vocab.json and merges.txt")
+    e.add_argument(
+        "--out", required=True, type=non_empty, help="output folder for vocab.json and merges.txt"
+    )
     e.set_defaults(func=run_export)
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import signal
 from importlib import resources
 from pathlib import Path
 
 from gpt2.commands.options import add_dataclass_flags, given_flags
-from gpt2.config import GPTConfig, TrainConfig, load_toml
+from gpt2.config import MODEL_PRESETS, GPTConfig, TrainConfig, load_toml
 from gpt2.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         "and fields that override it), or the name of a ready-made config",
     )
     add_dataclass_flags(p, TrainConfig, "training")
-    add_dataclass_flags(p, GPTConfig, "model shape (overrides the preset)", exclude=("vocab_size",))
+    add_dataclass_flags(
+        p,
+        GPTConfig,
+        "model shape (overrides the preset)",
+        exclude=("vocab_size",),
+        shown_defaults=preset_defaults(TrainConfig().model),
+    )
     p.set_defaults(func=run)
+
+
+def preset_defaults(preset: str) -> dict[str, str]:
+    """What a run without shape flags uses: the default preset's values (not GPTConfig's own
+    defaults, which are GPT-2 124M's)."""
+    values = {**GPTConfig().to_dict(), **MODEL_PRESETS[preset]}
+    return {name: f"{value!r}, from --model {preset}" for name, value in values.items()}
 
 
 def packaged_configs() -> list[str]:
@@ -75,6 +89,8 @@ def resolve_configs(args: argparse.Namespace) -> tuple[TrainConfig, dict]:
         raise UserError(f"config file: unknown model field(s) {', '.join(sorted(unknown))}")
     train = TrainConfig.from_dict({**file_values, **given_flags(args, TrainConfig)})
     overrides = {**model_values, **given_flags(args, GPTConfig)}
+    # The shape is checked now, before data is prepared or read (its vocabulary comes later).
+    GPTConfig.preset(train.model, **{**overrides, "vocab_size": 1})
     return train, overrides
 
 
@@ -107,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         distributed.teardown(env)
     if not env.is_main:
-        return 0
+        return exit_status(result.stopped_by)
     log.info(
         "%s: %d steps in %.1fs (%.1f ms/step, %.0f tokens/s); train loss %.4f, val loss %.4f",
         f"stopped by {result.stopped_by}" if result.stopped_by else "done",
@@ -121,4 +137,16 @@ def run(args: argparse.Namespace) -> int:
     log.info("checkpoint: %s", result.checkpoint)
     if result.sample:
         print(f"--- sample ---\n{result.sample}")
-    return 0
+    return exit_status(result.stopped_by)
+
+
+def exit_status(stopped_by: str) -> int:
+    """0 for a run that reached max_iters; for one a signal stopped (after saving), the shell's
+    128 + the signal's number (SIGINT 130, SIGTERM 143), so that a script can tell it stopped
+    early. Another process's signal (under torchrun) counts as SIGTERM."""
+    if not stopped_by:
+        return 0
+    try:
+        return 128 + signal.Signals[stopped_by].value
+    except KeyError:
+        return 128 + signal.SIGTERM.value

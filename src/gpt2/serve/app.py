@@ -4,7 +4,8 @@
 wraps the routes in two plain ASGI layers, outermost first:
 
     ApiKeyAuth   ``/v1/*`` needs ``Authorization: Bearer KEY`` when the server has a key (401)
-    BodyLimit    a body over ``max_body_bytes`` is refused (413) before anything parses it
+    BodyLimit    a body over ``max_body_bytes`` is refused (413) before anything parses it, and a
+                 completion whose prompt cannot fit the context (400) before the schema reads it
 
 Everything the API refuses comes back as ``{"error": {...}}`` with a 4xx (see ``errors.py``).
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from gpt2.decode import KVCacheEngine
 from gpt2.model import GPT
 from gpt2.serve.completions import Completions, plan
 from gpt2.serve.errors import APIError, install_error_handlers
-from gpt2.serve.limits import Limits
+from gpt2.serve.limits import Limits, check_prompt_size, max_prompt_chars
 from gpt2.serve.scheduler import Scheduler
 from gpt2.serve.schemas import (
     Completion,
@@ -60,8 +61,10 @@ def create_app(
     # sampled, and a prompt may not hold them.
     vocab_size = min(model.config.vocab_size, tokenizer.vocab_size)
     engine = engine or KVCacheEngine(model.eval(), limits.max_batch, vocab_limit=vocab_size)
-    scheduler = Scheduler(engine, tokenizer.eot_token, limits.max_queue)
+    scheduler = Scheduler(engine, tokenizer.eot_token, limits.max_queue, limits.max_queued_tokens)
     context = engine.context
+    longest = max((len(tokenizer.decode_bytes([i])) for i in range(vocab_size)), default=1)
+    max_chars = max_prompt_chars(context, longest)
     created = int(time.time())
 
     @asynccontextmanager
@@ -116,7 +119,11 @@ def create_app(
             return CompletionStream(job)
         return await _until_done_or_gone(job, request)
 
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    def check_body(path: str, body: bytes) -> None:
+        if path == "/v1/completions":
+            check_prompt_size(body, context, max_chars, limits.max_prompts)
+
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, check=check_body)
     if api_key:
         app.add_middleware(ApiKeyAuth, key=api_key)  # added last: runs first
     return app
@@ -193,12 +200,21 @@ class BodyLimit:
     """Read a request body up to ``max_bytes`` and pass it on; past that, 413.
 
     The body is read here in full (FastAPI would read it all before parsing anyway), so that the
-    limit holds for a chunked body with no Content-Length too.
+    limit holds for a chunked body with no Content-Length too. The body is then given to
+    ``check(path, body)``, which may refuse it (an `APIError`) by its sizes alone: the schema's
+    validation of a 200000-id prompt would cost a tenth of a second on the event loop, and the
+    refusal should cost what reading the lengths costs.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        check: Callable[[str, bytes], None] | None = None,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.check = check
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -218,6 +234,11 @@ class BodyLimit:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        if self.check is not None:
+            try:
+                self.check(scope["path"], body)
+            except APIError as err:
+                return await _send_error(send, err)
         replayed = False
 
         async def replay() -> Message:

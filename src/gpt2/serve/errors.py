@@ -76,6 +76,10 @@ def validation_error(exc: RequestValidationError) -> APIError:
     if first.get("type") == "extra_forbidden":
         return APIError(400, f"unrecognized request argument: {param}", param=param)
     if first.get("type") == "missing":
+        if param is None:  # the body itself is missing
+            return APIError(
+                400, 'the request body is empty: send a JSON object such as {"prompt": "Hello"}'
+            )
         return APIError(400, f"missing required argument: {param}", param=param)
     if not loc:
         hint = (

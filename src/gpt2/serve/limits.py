@@ -3,10 +3,16 @@
 A server on a shared machine must not let one request take it over: the body is bounded before it
 is parsed, a prompt plus its ``max_tokens`` must fit the model's context, and ``n`` and the number
 of prompts are capped so that a single request cannot fill the queue on its own.
+
+The checks run cheapest first, so that what a refused request costs is bounded by the context, not
+by what it sent: the body's size (while it is read), then the prompt's length straight from the
+parsed JSON (`check_prompt_size`: list lengths and string lengths, no per-item work), then the
+schema, then the ids themselves, then the queue (sequences and tokens waiting).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from gpt2.serve.errors import APIError
@@ -22,9 +28,11 @@ class Limits:
     max_prompts: int = 16  # prompts in one request
     max_batch: int = 32  # sequences decoded together (cache slots)
     max_queue: int = 64  # sequences waiting for a slot; past this, 429
+    max_queued_tokens: int = 1 << 15  # prompt + max_tokens summed over waiting sequences; 429
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_n", "max_prompts", "max_batch", "max_queue"):
+        names = ("max_body_bytes", "max_n", "max_prompts", "max_batch", "max_queue")
+        for name in (*names, "max_queued_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -72,3 +80,52 @@ def check_lengths(limits: Limits, context: int, prompt_tokens: int, max_tokens: 
             param="prompt",
             code="context_length_exceeded",
         )
+
+
+def max_prompt_chars(context: int, longest_token_bytes: int) -> int:
+    """The most characters a prompt that fits ``context`` can have: a token's text is at most its
+    bytes, so a longer text cannot encode to ``context`` tokens or fewer (never refuses one that
+    could)."""
+    return context * max(1, longest_token_bytes)
+
+
+def check_prompt_size(body: bytes, context: int, max_chars: int, max_prompts: int) -> None:
+    """Refuse a prompt too long for the context from the request body alone, before the schema
+    or the tokenizer look at it: after one ``json.loads`` (C, bounded by the body limit) only
+    lengths are read, so the cost does not grow with the number of ids.
+
+    Anything that is not a JSON object with a list or string ``prompt`` is left to the schema."""
+    try:
+        parsed = json.loads(body) if body.strip() else None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
+    except ValueError:
+        return  # not JSON: the route's own parser says so, in its words
+    prompt = parsed.get("prompt") if isinstance(parsed, dict) else None
+    if isinstance(prompt, str):
+        prompts: list = [prompt]
+    elif isinstance(prompt, list):
+        if prompt and not isinstance(prompt[0], (str, list)):  # a list of ids: one prompt
+            prompts = [prompt]
+        elif len(prompt) > max_prompts:
+            raise APIError(
+                400, f"at most {max_prompts} prompts per request, got {len(prompt)}", param="prompt"
+            )
+        else:
+            prompts = prompt
+    else:
+        return
+    for p in prompts:
+        if isinstance(p, str) and len(p) > max_chars:
+            raise _too_long(context, f"{len(p)} characters (more than {max_chars} cannot fit)")
+        if isinstance(p, list) and len(p) > context:
+            raise _too_long(context, f"{len(p)} token ids")
+
+
+def _too_long(context: int, what: str) -> APIError:
+    return APIError(
+        400,
+        f"this model's context is {context} tokens, but the prompt has {what}",
+        param="prompt",
+        code="context_length_exceeded",
+    )

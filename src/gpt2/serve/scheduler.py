@@ -86,13 +86,25 @@ class Stats:
     largest_batch: int  # the most sequences one decode step has carried
 
 
+def _cost(seq: Sequence) -> int:
+    """The tokens a waiting sequence will cost the worker: its prompt and its completion."""
+    return len(seq.prompt) + seq.params.max_tokens
+
+
 class Scheduler:
     """Admits sequences into the engine's slots and decodes them together on a worker thread."""
 
-    def __init__(self, engine: KVCacheEngine, eot: int | None, max_queue: int) -> None:
+    def __init__(
+        self,
+        engine: KVCacheEngine,
+        eot: int | None,
+        max_queue: int,
+        max_queued_tokens: int | None = None,
+    ) -> None:
         self.engine = engine
         self.decoder = Decoder(engine, eot)  # touched by the worker thread only
         self.max_queue = max_queue
+        self.max_queued_tokens = max_queued_tokens  # prompt + max_tokens over waiting sequences
         self._cond = threading.Condition()
         self._waiting: deque[Sequence] = deque()
         self._thread: threading.Thread | None = None
@@ -112,6 +124,13 @@ class Scheduler:
                 raise QueueFull(
                     f"the server is busy ({len(self._waiting)} sequences waiting); retry later"
                 )
+            if self.max_queued_tokens is not None:
+                waiting = sum(_cost(s) for s in self._waiting)
+                if waiting + sum(_cost(s) for s in seqs) > self.max_queued_tokens:
+                    raise QueueFull(
+                        f"the server is busy ({waiting} tokens waiting, at most "
+                        f"{self.max_queued_tokens}); retry later"
+                    )
             self._waiting.extend(seqs)
             self._start_locked()
             self._cond.notify()
