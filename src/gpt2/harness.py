@@ -281,7 +281,7 @@ class HarnessModel(TemplateLM):
             top_p=float(kwargs.get("top_p", 1.0)) if sample else 1.0,
             # end-of-text ends a completion on its own; it never appears in the decoded text
             stop=tuple(s for s in until if s and s != eos),
-            seed=int(kwargs.get("seed", 1234)) if sample else None,
+            seed=int(kwargs["seed"]) if sample and "seed" in kwargs else None,
         ).validate()
         return params, until
 
