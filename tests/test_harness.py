@@ -31,6 +31,10 @@ from gpt2.tokenizer import GPT2Tokenizer  # noqa: E402
 RTOL = 1e-4
 BLOCK = 64  # the model's context: short, so that documents need several rolling windows
 TASKS = ["tiny_lambada", "tiny_wikitext", "tiny_generate"]
+# tiny_generate's settings: stop strings a random model writes often ("e" inside a token, so the
+# cut is mid-token), and a budget that cuts the longest prompts to BLOCK - MAX_GEN tokens.
+UNTIL = ["e", "a"]
+MAX_GEN = 12
 TEXT = (
     "the river ran past a quiet town where seven bakers sold bread to sailors and the old "
     "lighthouse keeper wrote letters every evening about storms ships gulls and distant islands"
@@ -74,6 +78,21 @@ def _greedy_word(model: Any, tok: GPT2Tokenizer, context: str) -> str | None:
     return word if ok else None
 
 
+def _greedy_completion(model: Any, tok: GPT2Tokenizer, prompt: str) -> str:
+    """What greedy decoding writes after ``prompt`` under tiny_generate's settings, by
+    transformers' own ``generate``: an answer the model gets right, so that ``exact_match`` is
+    not trivially 0."""
+    ids = tok.encode(prompt)[-(BLOCK - MAX_GEN) :]
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]), max_new_tokens=MAX_GEN, do_sample=False, pad_token_id=0
+        )
+    text = tok.decode([t for t in out[0, len(ids) :].tolist() if t != tok.eot_token])
+    for stop in UNTIL:
+        text = text.split(stop)[0]
+    return text
+
+
 def _write_tasks(folder: Path, model: Any) -> Path:
     """Three task YAML files and their data in ``folder/tasks``."""
     tasks, data = folder / "tasks", folder / "data"
@@ -92,7 +111,11 @@ def _write_tasks(folder: Path, model: Any) -> Path:
         lambada.append({"text": context + (word or " " + words(1))})
     assert any(_greedy_word(model, tok, d["text"].rsplit(" ", 1)[0]) for d in lambada)
     wiki = [{"page": words(n) + ".\n\n" + words(n // 2)} for n in (3, 20, 45, 90, 150)]
-    gen = [{"question": words(2 + 9 * i), "answer": words(1)} for i in range(8)]
+    gen = []
+    for i in range(8):
+        question = words(2 + 9 * i)
+        answer = _greedy_completion(model, tok, question) if i % 2 == 0 else words(1)
+        gen.append({"question": question, "answer": answer})
     for name, rows in (("lambada", lambada), ("wiki", wiki), ("gen", gen)):
         (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -118,12 +141,11 @@ def _write_tasks(folder: Path, model: Any) -> Path:
         "metric_list:\n"
         "  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n"
     )
-    # Stop strings a random model writes often ("e" inside a token, so the cut is mid-token);
-    # the longest prompts are cut to BLOCK - max_gen_toks tokens.
     (tasks / "tiny_generate.yaml").write_text(
         "task: tiny_generate\n" + dataset("gen") + "output_type: generate_until\n"
         'doc_to_text: "{{question}}"\ndoc_to_target: "{{answer}}"\n'
-        'generation_kwargs:\n  until: ["e", "a"]\n  max_gen_toks: 12\n  do_sample: false\n'
+        f"generation_kwargs:\n  until: {json.dumps(UNTIL)}\n  max_gen_toks: {MAX_GEN}\n"
+        "  do_sample: false\n"
         "metric_list:\n  - {metric: exact_match, aggregation: mean, higher_is_better: true}\n"
     )
     return tasks
@@ -198,6 +220,7 @@ def test_every_figure_equals_lm_evals_hf_model(setup: dict[str, Any], batch_size
         ("tiny_generate", "exact_match,none"),
     }
     assert 0 < metrics[("tiny_lambada", "acc,none")] < 1  # the greedy words count
+    assert 0 < metrics[("tiny_generate", "exact_match,none")] < 1  # so do the greedy answers
     # Sample by sample: each request's log-likelihood and greediness, each completion's text.
     for task in TASKS:
         mine = sorted(ours["samples"][task], key=lambda s: s["doc_id"])
@@ -212,7 +235,7 @@ def test_every_figure_equals_lm_evals_hf_model(setup: dict[str, Any], batch_size
                     assert float(x[0]) == pytest.approx(float(y[0]), rel=RTOL)
                     assert list(x[1:]) == list(y[1:])
     completions = [s["filtered_resps"][0] for s in ours["samples"]["tiny_generate"]]
-    assert any(0 < len(c) < 12 for c in completions)  # some stopped at a stop string
+    assert any(0 < len(c) < MAX_GEN for c in completions)  # some stopped at a stop string
 
 
 def _gpt2(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
