@@ -37,7 +37,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import (
     handle_stop_sequences,
@@ -54,6 +53,9 @@ from gpt2.tokenizer import EOT_TEXT, GPT2Tokenizer, Tokenizer
 
 # What lm-eval's Hugging Face model allows a task to generate when it names no budget.
 DEFAULT_MAX_GEN_TOKS = 256
+
+# Scored positions per output-head call: (HEAD_ROWS x 50257) float32 logits are 50 MB.
+HEAD_ROWS = 256
 
 # One pair to score: (the request's strings, or None for a rolling window), context ids,
 # continuation ids; the harness's own shape for it.
@@ -193,17 +195,27 @@ class HarnessModel(TemplateLM):
             cols += range(length - n, length)  # position t predicts token t + 1
             target_ids += targets[i]
         h = hidden[torch.tensor(rows), torch.tensor(cols)]  # (N, C)
-        logits = self.model.lm_head(h)[:, : self.vocab].float()  # (N, V)
-        logprobs = F.log_softmax(logits, dim=-1)
-        tgt = torch.tensor(target_ids, device=logprobs.device)
-        picked = logprobs.gather(1, tgt[:, None])[:, 0].tolist()
-        greedy = (logprobs.argmax(dim=-1) == tgt).tolist()
+        picked, greedy = self._score_positions(h, torch.tensor(target_ids, device=h.device))
         out, at = [], 0
         for _, i in members:
             n = len(targets[i])
             out.append((float(sum(picked[at : at + n])), all(greedy[at : at + n])))
             at += n
         return out
+
+    def _score_positions(self, h: torch.Tensor, targets: torch.Tensor) -> tuple[list, list]:
+        """log p(target) and whether it is the most likely id, at each of the (N, C) final
+        hidden states ``h``: the head ``HEAD_ROWS`` rows at a time, with a log-sum-exp in place
+        of a full log-softmax, so that no (N, V) tensor is made (a rolling window of GPT-2 is
+        1024 x 50257 floats: 200 MB per row of the batch)."""
+        picked, greedy = [], []
+        for start in range(0, h.size(0), HEAD_ROWS):
+            logits = self.model.lm_head(h[start : start + HEAD_ROWS])[:, : self.vocab].float()
+            tgt = targets[start : start + HEAD_ROWS, None]  # (n, 1)
+            logprob = logits.gather(1, tgt)[:, 0] - torch.logsumexp(logits, dim=-1)
+            picked += logprob.tolist()
+            greedy += (logits.argmax(dim=-1) == tgt[:, 0]).tolist()
+        return picked, greedy
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """The log-likelihood of whole documents: every token scored once, in the harness's
