@@ -47,8 +47,9 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from gpt2.assets import fetch  # noqa: E402
+from gpt2.commands.eval import load_model  # noqa: E402
 from gpt2.harness import HarnessModel  # noqa: E402
-from gpt2.hf import load_pretrained, save_hf_tokenizer  # noqa: E402
+from gpt2.hf import save_hf_tokenizer  # noqa: E402
 from gpt2.tokenizer import GPT2Tokenizer  # noqa: E402
 
 TASKS = ("bench_lambada", "bench_wikitext", "bench_generate")
@@ -169,7 +170,7 @@ def main() -> None:
     tasks = write_tasks(root, args.items)
     manager = TaskManager(include_path=str(tasks), include_defaults=False)
 
-    model, tokenizer = load_pretrained(root / "model", "cpu")
+    model, tokenizer = load_model(str(root / "model"), "cpu")
     ours = HarnessModel(model, tokenizer, batch_size=args.batch_size, show_progress=False)
     hf = HFLM(
         pretrained=str(root / "model"), dtype="float32", device="cpu", batch_size=args.batch_size

@@ -23,7 +23,8 @@ import gpt2
 pytest.importorskip("lm_eval")
 transformers = pytest.importorskip("transformers")
 
-from gpt2.hf import load_pretrained, save_hf_tokenizer  # noqa: E402
+from gpt2.commands.eval import load_model  # noqa: E402
+from gpt2.hf import save_hf_tokenizer  # noqa: E402
 from gpt2.tokenizer import GPT2Tokenizer  # noqa: E402
 
 # Both sides compute in float32 from the same weights; what differs is the order of the sums
@@ -180,7 +181,7 @@ def _ours(setup: dict[str, Any], batch_size: int) -> dict[str, Any]:
 
     from gpt2.harness import HarnessModel
 
-    model, tokenizer = load_pretrained(setup["model"], "cpu")
+    model, tokenizer = load_model(str(setup["model"]), "cpu")
     return lm_eval.simple_evaluate(
         model=HarnessModel(model, tokenizer, batch_size=batch_size, show_progress=False),
         tasks=TASKS,
