@@ -1,4 +1,5 @@
-"""``gpt2 eval``: perplexity, HellaSwag or LAMBADA for a checkpoint or a Hugging Face GPT-2."""
+"""``gpt2 eval``: perplexity, HellaSwag or LAMBADA for a checkpoint or a Hugging Face GPT-2, or
+any lm-evaluation-harness task (``--harness``, through `gpt2.harness`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 from pathlib import Path
 
 from gpt2.checkpoint import load_model
-from gpt2.commands.options import non_empty, positive_int
+from gpt2.commands.options import int_at_least, non_empty, positive_int
 from gpt2.device import resolve_device
 from gpt2.errors import UserError
 from gpt2.evaluate import (
@@ -27,22 +28,42 @@ def register(sub: argparse._SubParsersAction) -> None:
     defaults = ", ".join(f"{task}: {asset}" for task, asset in DEFAULT_DATA.items())
     p = sub.add_parser(
         "eval",
-        help="evaluate a model: perplexity, HellaSwag or LAMBADA",
-        description=f"Evaluate a model on one task. Default data (downloaded once): {defaults}.",
+        help="evaluate a model: perplexity, HellaSwag, LAMBADA, or lm-eval tasks",
+        description=f"Evaluate a model on one task (--task; default data, downloaded once: "
+        f"{defaults}), or on lm-evaluation-harness tasks (--harness; needs "
+        f"pip install -e '.[harness]'), run on the model directly, without exporting it.",
     )
     p.add_argument(
         "--checkpoint", required=True, type=non_empty,
         help="checkpoint folder (or run folder holding ckpt/), or a Hugging Face GPT-2 name/folder",
     )  # fmt: skip
-    p.add_argument("--task", required=True, choices=TASKS, help="what to measure")
+    p.add_argument("--task", choices=TASKS, help="what to measure (or --harness)")
+    p.add_argument(
+        "--harness", metavar="TASKS",
+        help="comma-separated lm-evaluation-harness task names (hellaswag,lambada_openai,...) "
+        "instead of --task; results as lm-eval prints and writes them",
+    )  # fmt: skip
+    p.add_argument(
+        "--include-path", metavar="DIR",
+        help="--harness: a folder of task YAML files of your own (searched before lm-eval's)",
+    )  # fmt: skip
+    p.add_argument(
+        "--num-fewshot", type=int_at_least(0), metavar="K",
+        help="--harness: examples in each prompt (default: each task's own, mostly 0)",
+    )  # fmt: skip
+    p.add_argument(
+        "--output-path", metavar="P",
+        help="--harness: write lm-eval's results JSON here (default: not written)",
+    )  # fmt: skip
     p.add_argument(
         "--data",
         help="a local copy of the data: text, .zip (WikiText) or .bin tokens for perplexity; "
         "jsonl for hellaswag and lambada (default: the task's public data set)",
     )
     p.add_argument(
-        "--limit", type=positive_int, help="only the first N items (perplexity: N scored tokens)"
-    )
+        "--limit", type=positive_int,
+        help="only the first N items (perplexity: N scored tokens; --harness: N per task)",
+    )  # fmt: skip
     p.add_argument(
         "--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
         help=f"rows per forward pass (default: {DEFAULT_BATCH_SIZE})",
@@ -65,10 +86,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
-        raise UserError("--batch-size must be at least 1")
-    if args.limit is not None and args.limit < 1:
-        raise UserError("--limit must be at least 1")
+    if (args.task is None) == (args.harness is None):
+        raise UserError("give one of --task or --harness")
+    if args.harness is not None:
+        return run_harness(args)
+    for option in ("include_path", "num_fewshot", "output_path"):
+        if getattr(args, option) is not None:
+            raise UserError(f"--{option.replace('_', '-')} applies to --harness only")
     if args.stride is not None and args.task != "perplexity":
         raise UserError("--stride applies to --task perplexity only")
     device = resolve_device(args.device)
@@ -86,4 +110,38 @@ def run(args: argparse.Namespace) -> int:
     write_json(out, record)
     print(format_table(result))
     log.info("wrote %s", out)
+    return 0
+
+
+def run_harness(args: argparse.Namespace) -> int:
+    """``--harness TASKS``: lm-eval's tasks on our model (`gpt2.harness`)."""
+    try:
+        from gpt2 import harness
+    except ModuleNotFoundError as e:
+        if e.name is None or not e.name.startswith("lm_eval"):
+            raise
+        raise UserError(
+            "--harness needs lm-evaluation-harness: pip install -e '.[harness]' "
+            "(or pip install lm-eval)"
+        ) from None
+    tasks = [t.strip() for t in args.harness.split(",") if t.strip()]
+    if not tasks:
+        raise UserError("--harness needs at least one task name")
+    if args.include_path is not None and not Path(args.include_path).is_dir():
+        raise UserError(f"--include-path {args.include_path}: not a folder")
+    if args.stride is not None or args.data is not None or args.out is not None:
+        raise UserError("--stride, --data and --out apply to --task; --harness has --output-path")
+    device = resolve_device(args.device)
+    model, tokenizer = load_model(args.checkpoint, device)
+    lm = harness.HarnessModel(
+        model, tokenizer, batch_size=args.batch_size, show_progress=not args.quiet
+    )
+    results = harness.evaluate(
+        lm, tasks, include_path=args.include_path, num_fewshot=args.num_fewshot, limit=args.limit
+    )
+    if args.output_path:
+        out = Path(args.output_path)
+        write_json(out, harness.jsonable(results))
+        log.info("wrote %s", out)
+    print(harness.format_results(results))
     return 0
