@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Build the llama.cpp tools the GGUF tests run, from the llama.cpp source that the llama-cpp-python
+# sdist vendors (PyPI is reachable where GitHub may not be). The build is cached outside the
+# repository, keyed by version and machine, so a second run only prints the folder.
+#
+#   scripts/build_llama_cpp.sh            # prints the folder holding bin/ and src/ (the converter)
+#   scripts/build_llama_cpp.sh --find     # prints it only if it is built, else exits 1
+#   LLAMA_CPP_PYTHON_VERSION=0.3.36 PYTHON=.venv/bin/python scripts/build_llama_cpp.sh
+#
+# The tests find the result through GPT2_LLAMA_CPP_DIR (or this script's default folder).
+set -euo pipefail
+
+VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
+PYTHON="${PYTHON:-python3}"
+JOBS="${JOBS:-2}"
+TOOLS=(llama-perplexity llama-simple llama-tokenize llama-bench)
+ROOT="${GPT2_LLAMA_CPP_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/gpt2-llama.cpp/$VERSION-$(uname -m)}"
+
+if [[ -f "$ROOT/.complete" ]]; then
+    echo "$ROOT"
+    exit 0
+fi
+if [[ "${1:-}" == "--find" ]]; then
+    echo "build_llama_cpp.sh: llama.cpp is not built in $ROOT" >&2
+    exit 1
+fi
+
+for tool in cmake c++ tar; do
+    command -v "$tool" >/dev/null || { echo "build_llama_cpp.sh: $tool is not installed" >&2; exit 3; }
+done
+
+mkdir -p "$ROOT"
+work="$(mktemp -d "$ROOT/.work.XXXXXX")"
+trap 'rm -rf "$work"' EXIT
+
+"$PYTHON" -m pip download --quiet --no-deps --no-binary :all: --dest "$work" \
+    "llama-cpp-python==$VERSION" >&2
+tar -xzf "$work"/llama_cpp_python-*.tar.gz -C "$work"
+rm -rf "$ROOT/src"
+mv "$work"/llama_cpp_python-*/vendor/llama.cpp "$ROOT/src"
+
+start=$(date +%s)
+cmake -S "$ROOT/src" -B "$ROOT/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+    -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF \
+    -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF >&2
+cmake --build "$ROOT/build" --config Release -j "$JOBS" --target "${TOOLS[@]}" >&2
+echo "build_llama_cpp.sh: built ${TOOLS[*]} in $(( $(date +%s) - start )) s with -j $JOBS" >&2
+
+mkdir -p "$ROOT/bin"
+for tool in "${TOOLS[@]}"; do
+    cp "$ROOT/build/bin/$tool" "$ROOT/bin/"
+done
+touch "$ROOT/.complete"
+echo "$ROOT"
