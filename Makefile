@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Point the asset cache at a local folder to work offline (tests use ../shared/data).
 export GPT2_CACHE_DIR ?= $(HOME)/.cache/gpt2
 
-.PHONY: install demo test notebook lint format bench clean
+.PHONY: install demo test notebook lint format bench clean llama-cpp
 
 install:  ## a virtual environment with torch 2.13.0 (CPU) and the package, editable, with test extras
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ test:  ## the test suite (what CI runs)
 
 notebook:  ## run notebooks/gpt2_walkthrough.ipynb top to bottom (a copy, outputs stripped); CI runs it
 	$(BIN)/python scripts/run_notebook.py
+
+llama-cpp:  ## build llama.cpp's tools for the GGUF tests, cached in ~/.cache/gpt2-llama.cpp (once)
+	PYTHON=$(BIN)/python bash scripts/build_llama_cpp.sh
 
 lint:
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
