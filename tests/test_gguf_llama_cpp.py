@@ -123,14 +123,14 @@ def our_greedy(model: GPT, tokenizer: Tokenizer, prompt: str) -> tuple[bytes, fl
 
 
 @torch.no_grad()
-def scaled_random(config: GPTConfig, seed: int) -> GPT:
-    """Random weights 0.1-wide (LayerNorm gains around 1): logits far enough apart that greedy
-    decoding has no near-ties."""
+def scaled_random(config: GPTConfig, seed: int, scale: float = 0.1) -> GPT:
+    """Random weights ``scale`` wide (LayerNorm gains around 1): logits far enough apart that
+    greedy decoding has no near-ties, and (for the seeds used) no single token repeated."""
     g = torch.Generator().manual_seed(seed)
     model = GPT(config)
     for name, p in model.named_parameters():
         gain = name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight"))
-        p.copy_((1.0 if gain else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
+        p.copy_((1.0 if gain else 0.0) + scale * torch.randn(p.shape, generator=g))
     return model.eval()
 
 
@@ -192,13 +192,16 @@ def test_our_file_runs_as_the_converters_file(
         # ... and both are what our own model computes on the same tokens.
         ids = GPT2Tokenizer().encode(held_out.read_text(encoding="utf-8"))
         assert llama_tokens(llama_cpp, ours, held_out) == ids
-        assert ppl_ours == pytest.approx(our_perplexity(model, ids), rel=PPL_REL)
+        ppl_model = our_perplexity(model, ids)
+        print(f"f32: our model's own perplexity {ppl_model:.4f} over {len(ids)} tokens")
+        assert ppl_ours == pytest.approx(ppl_model, rel=PPL_REL)
 
 
 def test_greedy_tokens_equal_ours_gpt2_vocabulary(llama_cpp: Path, gpt2_model, tmp_path) -> None:
     model, ckpt, _ = gpt2_model
     expected, margin = our_greedy(model, GPT2Tokenizer(), PROMPT)
-    assert margin > 1e-2  # float32 sums in another order move logits by ~1e-5
+    assert margin > 2e-3  # float32 sums in another order move these logits by ~1e-5
+    print(f"gpt2 greedy: {expected!r}, smallest margin {margin:.4f}")
     assert llama_greedy(llama_cpp, export(ckpt, tmp_path / "m.gguf", "f32"), PROMPT) == expected
 
 
@@ -218,13 +221,15 @@ def test_trained_and_character_vocabularies_run_in_llama_cpp(
     else:
         tokenizer = CharTokenizer(text + "é€")  # two and three bytes
         held_out.with_name("char.txt").write_text(
-            held_out.read_text(encoding="utf-8") + "\ncafé 5€", encoding="utf-8"
+            held_out.read_text(encoding="utf-8") + "\ncafé €", encoding="utf-8"
         )
         held_out = held_out.with_name("char.txt")
     config = GPTConfig(
         n_layer=2, n_head=2, n_embd=64, block_size=128, vocab_size=tokenizer.vocab_size
     )
-    model = scaled_random(config, seed=2)
+    # Seeds whose greedy text is varied: 25 distinct bytes (some not UTF-8) for the BPE, 13
+    # distinct characters, the three-byte € among them, for the characters.
+    model = scaled_random(config, seed={"bpe": 2, "char": 5}[kind], scale=0.2)
     save_checkpoint(tmp_path / "ckpt", model, tokenizer, TrainConfig())
     path = export(tmp_path / "ckpt", tmp_path / "m.gguf", "f32")
     ids = tokenizer.encode(held_out.read_text(encoding="utf-8"))
@@ -233,5 +238,6 @@ def test_trained_and_character_vocabularies_run_in_llama_cpp(
     print(f"{kind}: llama-perplexity {ppl:.4f}, ours {our_perplexity(model, ids):.4f}")
     assert ppl == pytest.approx(our_perplexity(model, ids), rel=PPL_REL)
     expected, margin = our_greedy(model, tokenizer, PROMPT)
-    assert margin > 1e-2
+    assert margin > 2e-3
+    print(f"{kind} greedy: {expected!r}, smallest margin {margin:.4f}")
     assert llama_greedy(llama_cpp, path, PROMPT) == expected

@@ -71,5 +71,5 @@ def _run_gguf(args: argparse.Namespace) -> int:
     check_gguf_type(gguf_type)
 
     out = export_gguf(args.checkpoint, args.out, gguf_type, force=args.force)
-    log.info("run it with: llama-cli -m %s -p 'Once upon a time'", out)
+    log.info("run it with: llama-completion -m %s -no-cnv -p 'Once upon a time'", out)
     return 0
