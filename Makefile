@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 # Point the asset cache at a local folder to work offline (tests use ../shared/data).
 export GPT2_CACHE_DIR ?= $(HOME)/.cache/gpt2
 
-.PHONY: install demo test test-numerics notebook lint format bench clean gpu-check gpu-check-dry-run
+.PHONY: install demo test test-numerics notebook lint format bench clean gpu-check gpu-check-dry-run llama-cpp
 
 install: $(INSTALLED)  ## a virtual environment with torch 2.13.0 (CPU) and the package, editable, with test extras
 
@@ -40,6 +40,9 @@ gpu-check:  ## on a CUDA GPU: correctness, training MFU, decoding vs transformer
 
 gpu-check-dry-run:  ## the same steps on tiny shapes on the CPU (about a minute)
 	$(BIN)/python bench/gpu_check.py --device cpu --quick --results-dir out/gpu-check
+
+llama-cpp: $(INSTALLED)  ## build llama.cpp's tools for the GGUF tests, cached in ~/.cache/gpt2-llama.cpp (once)
+	PYTHON=$(BIN)/python bash scripts/build_llama_cpp.sh
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

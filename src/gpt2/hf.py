@@ -336,6 +336,7 @@ def hf_config(config: GPTConfig, eot: int | None) -> dict[str, Any]:
         "model_type": "gpt2",
         "vocab_size": config.vocab_size,
         "n_positions": config.block_size,
+        "n_ctx": config.block_size,  # what older readers (llama.cpp's converter) look up
         "n_embd": config.n_embd,
         "n_layer": config.n_layer,
         "n_head": config.n_head,
