@@ -84,7 +84,7 @@ def export_gguf(
 ) -> Path:
     """``gpt2 export --format gguf``: one of our checkpoints (or run folders) or a Hugging Face
     GPT-2 folder, to the GGUF file ``out``."""
-    from gpt2.hf import load_pretrained
+    from gpt2.checkpoint import load_model
 
     check_gguf_type(gguf_type)
     gguf_module()  # before loading a large model, not after
@@ -98,7 +98,7 @@ def export_gguf(
         raise UserError(f"--out {out} is a folder; name the .gguf file to write")
     if out.exists() and not force:
         raise UserError(f"--out {out} exists; pass --force to replace it")
-    model, tokenizer = load_pretrained(source)
+    model, tokenizer = load_model(source)
     name = source.name if source.name not in ("ckpt", "") else source.resolve().parent.name
     return write_gguf(model, tokenizer, out, gguf_type, name=name)
 
@@ -255,7 +255,7 @@ def gguf_vocabulary(tokenizer: Tokenizer) -> GGUFVocabulary:
     """GPT-2's BPE, a BPE trained by `gpt2 tokenizer train`, or a character vocabulary, in
     llama.cpp's form; any other tokenizer is refused in one line."""
     if isinstance(tokenizer, GPT2Tokenizer):
-        from gpt2.hf import gpt2_vocab_and_merges
+        from gpt2.tokenizer_hf import gpt2_vocab_and_merges
 
         vocab, merges = gpt2_vocab_and_merges()
         by_id = sorted(vocab, key=vocab.__getitem__)
