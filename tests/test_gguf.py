@@ -15,9 +15,9 @@ from gpt2.config import GPTConfig, TrainConfig
 from gpt2.errors import UserError
 from gpt2.gguf_export import GGUF_TYPES, gguf_vocabulary, write_gguf
 from gpt2.hf import save_pretrained
-from gpt2.tokenizer_hf import gpt2_vocab_and_merges
 from gpt2.model import GPT
 from gpt2.tokenizer import CharTokenizer, GPT2Tokenizer
+from gpt2.tokenizer_hf import gpt2_vocab_and_merges
 
 gguf = pytest.importorskip("gguf")
 
