@@ -26,6 +26,7 @@ from gpt2.commands.train import exit_status
 from gpt2.config import GPTConfig, TrainConfig
 from gpt2.errors import UserError
 from gpt2.model import GPT
+from gpt2.shards import HEADER_BYTES
 from gpt2.tokenizer import CharTokenizer
 from gpt2.vocab_checks import tokenizer_difference
 
@@ -237,17 +238,19 @@ def test_tokenizer_differences_are_said_in_words():
 def test_token_ids_past_the_vocabulary_stop_training_before_it_starts(tmp_path, capsys, bad_id):
     (tmp_path / "in.txt").write_text(TEXT)
     data, out = tmp_path / "data", tmp_path / "out"
-    assert main(["-q", "prepare", "--input", str(tmp_path / "in.txt"), "--out", str(data)]) == 0
+    assert main(["-q", "prepare", "--input", str(tmp_path / "in.txt"), "--out", str(data),
+                 "--tokenizer", "char"]) == 0  # fmt: skip
     meta = json.loads((data / "meta.json").read_text())
-    train = data / "train.bin"
-    ids = np.fromfile(train, dtype=meta["dtype"])
+    train = data / "train_000000.bin"
+    ids = np.memmap(train, dtype=meta["dtype"], mode="r+", offset=HEADER_BYTES)
     ids[len(ids) // 2] = bad_id
-    ids.tofile(train)
+    ids.flush()
+    del ids
     err = one_line_error(
         ["-q", "train", "--data", str(data), "--out-dir", str(out), "--model", "tiny",
          "--max-iters", "2", "--no-plot", "--sample-tokens", "0"], capsys,
     )  # fmt: skip
-    assert "train.bin holds token id" in err and str(bad_id) in err
+    assert "train_000000.bin holds token id" in err and str(bad_id) in err
     assert not (out / "ckpt").exists()
 
 
