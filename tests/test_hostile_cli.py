@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -336,3 +337,80 @@ def test_export_of_a_hugging_face_folder_says_what_it_is(ckpt, tmp_path, capsys)
     hf = export_checkpoint(ckpt, tmp_path / "hf")
     err = one_line_error(["export", "--checkpoint", str(hf), "--out", str(tmp_path / "x")], capsys)
     assert "is a Hugging Face model folder" in err and "'model'" not in err
+
+
+# --- failing disks: a read-only mount, a full one, a file where a folder should be --------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """``mount(size_kb, read_only)``: a tmpfs under tmp_path (root only; CI runs as root),
+    unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted: list[Path] = []
+
+    def mount(size_kb: int, read_only: bool = False) -> Path:
+        point = tmp_path / f"disk{len(mounted)}"
+        point.mkdir()
+        options = f"size={size_kb}k" + (",ro" if read_only else "")
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)]).returncode:
+            pytest.skip("this machine does not let us mount a tmpfs")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        if subprocess.run(["umount", str(point)]).returncode:  # a file left open: a bug
+            subprocess.run(["umount", "--lazy", str(point)], check=False)
+            pytest.fail(f"{point} was busy: a failed write left a file open")
+
+
+def test_export_to_a_read_only_or_full_disk_is_one_line(ckpt, small_disk, capsys):
+    pytest.importorskip("gguf")
+    read_only, full = small_disk(64, read_only=True), small_disk(64)  # the weights need ~120 KB
+    for out, fmt in [(read_only / "hf", "hf"), (read_only / "m.gguf", "gguf"),
+                     (full / "hf", "hf"), (full / "m.gguf", "gguf")]:  # fmt: skip
+        argv = ["export", "--checkpoint", str(ckpt), "--out", str(out), "--format", fmt]
+        err = one_line_error(argv, capsys)
+        assert f"cannot write {out}" in err
+        assert ("Read-only" if out.parent == read_only else "No space left on device") in err
+        assert list(out.parent.iterdir()) == []  # no half folder, no temp file
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """TEXT prepared as characters (the demo's TinyShakespeare would take longer)."""
+    from gpt2.prepare import prepare_text
+
+    folder = tmp_path_factory.mktemp("data")
+    (folder / "in.txt").write_text(TEXT)
+    prepare_text(folder / "in.txt", folder / "chars", tokenizer="char", show_progress=False)
+    return folder / "chars"
+
+
+def train_argv(data: Path, out: Path) -> list[str]:
+    return ["train", "--data", str(data), "--model", "tiny", "--max-iters", "2", "--out-dir",
+            str(out), "--no-plot", "--sample-tokens", "0", "-q"]  # fmt: skip
+
+
+def test_train_out_dir_that_cannot_be_a_folder_is_one_line(
+    small_data, small_disk, tmp_path, capsys
+):
+    (tmp_path / "afile").write_text("keep me")
+    read_only = small_disk(64, read_only=True)
+    for out, reason in [(tmp_path / "afile", "it exists and is not a folder"),
+                        (read_only / "run", "Read-only file system"),
+                        (read_only, "Read-only file system")]:  # fmt: skip
+        assert reason in one_line_error(train_argv(small_data, out), capsys)
+    assert (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_a_checkpoint_save_on_a_full_disk_is_one_line_and_keeps_none_half(
+    small_data, small_disk, capsys
+):
+    disk = small_disk(200)  # a run's folder, not a checkpoint with its optimizer (~400 KB)
+    err = one_line_error(train_argv(small_data, disk / "run"), capsys)
+    assert f"cannot write {disk / 'run' / 'checkpoints'}" in err and "No space left" in err
+    assert not [p for p in disk.rglob("*") if ".tmp" in p.name]
+    assert list((disk / "run" / "checkpoints").iterdir()) == []

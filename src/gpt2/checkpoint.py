@@ -177,8 +177,9 @@ def save_checkpoint(
             optimizer_state = optimizer.state_dict()
         for name, value in ((OPTIMIZER_FILE, optimizer_state), (TRAINER_FILE, trainer_state)):
             if value is not None:
-                with atomic_file(tmp / name) as path:
-                    torch.save(value, path)
+                # torch.save on a file we opened: a failed write cannot leave torch's own open
+                with atomic_file(tmp / name) as path, path.open("wb") as f:
+                    torch.save(value, f)
     return folder
 
 
