@@ -414,3 +414,11 @@ def test_a_checkpoint_save_on_a_full_disk_is_one_line_and_keeps_none_half(
     assert f"cannot write {disk / 'run' / 'checkpoints'}" in err and "No space left" in err
     assert not [p for p in disk.rglob("*") if ".tmp" in p.name]
     assert list((disk / "run" / "checkpoints").iterdir()) == []
+
+
+def test_quiet_silences_the_demo_data_preparation(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the demo prepares TinyShakespeare into ./data
+    argv = ["train", "--model", "tiny", "--max-iters", "1", "--eval-iters", "1", "--out-dir",
+            "run", "--no-plot", "--sample-tokens", "0", "-q"]  # fmt: skip
+    assert main(argv) == 0
+    assert capsys.readouterr().err == ""
