@@ -337,6 +337,7 @@ def test_export_of_a_hugging_face_folder_says_what_it_is(ckpt, tmp_path, capsys)
     hf = export_checkpoint(ckpt, tmp_path / "hf")
     err = one_line_error(["export", "--checkpoint", str(hf), "--out", str(tmp_path / "x")], capsys)
     assert "is a Hugging Face model folder" in err and "'model'" not in err
+    assert "corrupt" not in err  # nothing is wrong with it
 
 
 # --- failing disks: a read-only mount, a full one, a file where a folder should be --------------
