@@ -88,7 +88,7 @@ class Stats:
 
 def _cost(seq: Sequence) -> int:
     """The tokens a waiting sequence will cost the worker: its prompt and its completion."""
-    return len(seq.prompt) + seq.params.max_tokens
+    return len(seq.prompt) + seq.params.max_new_tokens
 
 
 class Scheduler:
