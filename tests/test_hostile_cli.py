@@ -423,3 +423,13 @@ def test_quiet_silences_the_demo_data_preparation(tmp_path, capsys, monkeypatch)
             "run", "--no-plot", "--sample-tokens", "0", "-q"]  # fmt: skip
     assert main(argv) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_a_metrics_log_that_is_not_text_is_one_line(small_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(train_argv(small_data, run)) == 0
+    capsys.readouterr()
+    with (run / "metrics.jsonl").open("ab") as f:
+        f.write(b"\xff\xfe\n")
+    for argv in (["plot", str(run)], [*train_argv(small_data, run), "--resume", "auto"]):
+        assert "metrics.jsonl is not UTF-8 text" in one_line_error(argv, capsys)

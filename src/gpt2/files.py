@@ -225,6 +225,12 @@ def _read_text(path: Path) -> str:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
 
 
+def read_lines(path: str | Path) -> list[str]:
+    """The lines of a UTF-8 text file (``metrics.jsonl``, whose callers skip a torn last line);
+    a missing or non-UTF-8 file is one `UserError` line naming it."""
+    return _read_text(Path(path)).splitlines()
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
     """A TOML file (a run config); a missing, non-UTF-8 or malformed one is one line."""
     path = Path(path)
