@@ -404,6 +404,11 @@ def test_train_out_dir_that_cannot_be_a_folder_is_one_line(
                         (read_only / "run", "Read-only file system"),
                         (read_only, "Read-only file system")]:  # fmt: skip
         assert reason in one_line_error(train_argv(small_data, out), capsys)
+    for argv in (["prepare", "--input", str(small_data / "meta.json"), "--tokenizer", "char"],
+                 ["tokenizer", "train", "--input", str(small_data / "meta.json"),
+                  "--vocab-size", "300"]):  # fmt: skip
+        err = one_line_error([*argv, "--out", str(tmp_path / "afile")], capsys)
+        assert f"{tmp_path / 'afile'}: it exists and is not a folder" in err
     assert (tmp_path / "afile").read_text() == "keep me"
 
 

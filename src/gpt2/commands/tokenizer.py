@@ -90,6 +90,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise UserError(
             f"--vocab-size {args.vocab_size} is below the 256 bytes + {len(specials)} special token(s)"
         )
+    out = make_folder(args.out)  # before the work: a file in the way, a read-only place
     counts = count_words(
         _texts(args.input, args.text_field, args.on_bad_line, not args.quiet),
         special_tokens=specials,
@@ -99,7 +100,6 @@ def run_train(args: argparse.Namespace) -> int:
     tokenizer = train_bpe(
         counts, args.vocab_size, specials, name=Path(args.out).name, show_progress=not args.quiet
     )
-    out = make_folder(args.out)
     tokenizer.save(out)
     tokenizer.save_hf(out)
     log.info("wrote %s: %d ids (%d merges, %d special), from %d distinct words",
