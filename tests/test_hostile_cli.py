@@ -438,3 +438,11 @@ def test_a_metrics_log_that_is_not_text_is_one_line(small_data, tmp_path, capsys
         f.write(b"\xff\xfe\n")
     for argv in (["plot", str(run)], [*train_argv(small_data, run), "--resume", "auto"]):
         assert "metrics.jsonl is not UTF-8 text" in one_line_error(argv, capsys)
+
+
+def test_train_help_says_the_cpu_precision_rule_that_runs(capsys):
+    from gpt2.device import BF16_MIN_WIDTH
+
+    assert main(["train", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"width {BF16_MIN_WIDTH} or more" in out and "short probe" not in out
