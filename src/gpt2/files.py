@@ -67,12 +67,18 @@ def _write_failure(path: Path, e: Exception) -> UserError | None:
     return UserError(f"cannot write {path}: {text.strip().splitlines()[-1]}")
 
 
-def make_folder(folder: str | Path, what: str = "output folder") -> Path:
-    """``folder`` and its parents, created if missing; failing (a file in the way, a read-only
-    location), one `UserError` naming it."""
+def refuse_non_folder(folder: str | Path, what: str = "output folder") -> Path:
+    """``folder``, unless a file is in its place: checked before a long job that will write it."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"cannot create {what} {folder}: it exists and is not a folder")
+    return folder
+
+
+def make_folder(folder: str | Path, what: str = "output folder") -> Path:
+    """``folder`` and its parents, created if missing; failing (a file in the way, a read-only
+    location), one `UserError` naming it."""
+    folder = refuse_non_folder(folder, what)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
