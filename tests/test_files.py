@@ -13,10 +13,14 @@ from safetensors.torch import save_file
 from gpt2.errors import UserError
 from gpt2.files import (
     atomic_file,
+    make_folder,
+    open_log,
     read_json,
     read_jsonl,
+    read_toml,
     replaced_folder,
     write_json,
+    write_line,
     write_text,
 )
 
@@ -100,3 +104,67 @@ def test_json_round_trip_and_jsonl(tmp_path: Path) -> None:
     (tmp_path / "c.jsonl").write_text('{"a": 1}\n[2]\n')
     with pytest.raises(UserError, match="c.jsonl:2: expected a JSON object"):
         read_jsonl(tmp_path / "c.jsonl")
+
+
+@pytest.mark.parametrize(
+    "failure, reason",
+    [
+        # what safetensors, torch.save and numpy's tofile raise on a full disk (none an errno)
+        (RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),
+         "No space left on device"),
+        (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 67008 vs 66900"),
+         "unexpected pos"),
+        (OSError("4096 requested and 432 written"), "4096 requested and 432 written"),
+    ],
+)  # fmt: skip
+def test_a_writers_own_io_error_is_one_line_naming_the_target(
+    tmp_path: Path, failure: Exception, reason: str
+) -> None:
+    write_text(tmp_path / "w.bin", "old")
+    message = f"cannot write {tmp_path / 'w.bin'}: .*{reason}"
+    with pytest.raises(UserError, match=message), atomic_file(tmp_path / "w.bin") as tmp:
+        tmp.write_text("half")
+        raise failure
+    assert names(tmp_path) == ["w.bin"] and (tmp_path / "w.bin").read_text() == "old"
+
+
+def test_a_failed_file_in_a_replaced_folder_names_where_it_was_going(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    with (
+        pytest.raises(UserError) as e,
+        replaced_folder(tmp_path / "out") as tmp,
+        atomic_file(tmp / "w.bin"),
+    ):
+        raise RuntimeError("I/O error: No space left on device (os error 28)")
+    assert str(e.value) == f"cannot write {tmp_path / 'out' / 'w.bin'}: No space left on device"
+    assert names(tmp_path) == ["out"]
+
+
+def test_a_file_where_a_folder_should_be_is_said_so(tmp_path: Path) -> None:
+    (tmp_path / "run").write_text("a file")
+    with pytest.raises(UserError, match="cannot create --out-dir .*run: it exists and is not a"):
+        make_folder(tmp_path / "run", "--out-dir")
+    assert (tmp_path / "run").read_text() == "a file"
+
+
+def test_a_log_file_that_cannot_be_opened_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match=f"cannot write {tmp_path / 'file' / 'metrics.jsonl'}: "):
+        open_log(tmp_path / "file" / "metrics.jsonl")
+    with open_log(tmp_path / "metrics.jsonl") as f:
+        write_line(f, '{"step": 1}')
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"\xff\xfe", "is not UTF-8 text"), (b"a = = 1", "is not valid TOML"), (b"", None)],
+)
+def test_read_toml_errors_name_the_file(tmp_path: Path, content: bytes, message: str | None):
+    path = tmp_path / "run.toml"
+    path.write_bytes(content)
+    if message is None:
+        assert read_toml(path) == {}
+        return
+    with pytest.raises(UserError, match=f"{path} {message}"):
+        read_toml(path)

@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -204,15 +205,14 @@ def test_non_finite_weights_are_refused_at_load(ckpt, tmp_path, capsys, bad):
     assert "non-finite weights" in err and "transformer.h.0.mlp.c_fc.weight" in err
 
 
-def test_serve_loads_through_the_same_checks(ckpt, tmp_path):
-    from gpt2.checkpoint import load_model
-
+def test_serve_loads_through_the_same_checks(ckpt, tmp_path, capsys):
+    pytest.importorskip("fastapi")
     folder = copy_of(ckpt, tmp_path)
     weights = load_file(str(folder / "model.safetensors"))
     weights["transformer.wte.weight"].fill_(float("nan"))
     save_file(weights, str(folder / "model.safetensors"))
-    with pytest.raises(UserError, match="non-finite weights"):
-        load_model(str(folder), "cpu")
+    err = one_line_error(["serve", "--checkpoint", str(folder), "--port", "0"], capsys)
+    assert "non-finite weights" in err  # refused at load, before it listens
 
 
 @pytest.mark.parametrize(
@@ -238,19 +238,19 @@ def test_tokenizer_differences_are_said_in_words():
 def test_token_ids_past_the_vocabulary_stop_training_before_it_starts(tmp_path, capsys, bad_id):
     (tmp_path / "in.txt").write_text(TEXT)
     data, out = tmp_path / "data", tmp_path / "out"
-    prepare = ["-q", "prepare", "--input", str(tmp_path / "in.txt"), "--out", str(data)]
-    assert main([*prepare, "--tokenizer", "char"]) == 0
+    assert main(["-q", "prepare", "--input", str(tmp_path / "in.txt"), "--out", str(data),
+                 "--tokenizer", "char"]) == 0  # fmt: skip
     meta = json.loads((data / "meta.json").read_text())
-    train = data / meta["shards"]["train"][0]
-    shard = np.memmap(train, dtype=meta["dtype"], mode="r+", offset=HEADER_BYTES)
-    shard[len(shard) // 2] = bad_id
-    shard.flush()
-    del shard
+    train = data / "train_000000.bin"
+    ids = np.memmap(train, dtype=meta["dtype"], mode="r+", offset=HEADER_BYTES)
+    ids[len(ids) // 2] = bad_id
+    ids.flush()
+    del ids
     err = one_line_error(
         ["-q", "train", "--data", str(data), "--out-dir", str(out), "--model", "tiny",
          "--max-iters", "2", "--no-plot", "--sample-tokens", "0"], capsys,
     )  # fmt: skip
-    assert f"{train.name} holds token id" in err and str(bad_id) in err
+    assert "train_000000.bin holds token id" in err and str(bad_id) in err
     assert not (out / "ckpt").exists()
 
 
@@ -336,3 +336,112 @@ def test_export_of_a_hugging_face_folder_says_what_it_is(ckpt, tmp_path, capsys)
     hf = export_checkpoint(ckpt, tmp_path / "hf")
     err = one_line_error(["export", "--checkpoint", str(hf), "--out", str(tmp_path / "x")], capsys)
     assert "is a Hugging Face model folder" in err and "'model'" not in err
+    assert "corrupt" not in err  # nothing is wrong with it
+
+
+# --- failing disks: a read-only mount, a full one, a file where a folder should be --------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """``mount(size_kb, read_only)``: a tmpfs under tmp_path (root only; CI runs as root),
+    unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted: list[Path] = []
+
+    def mount(size_kb: int, read_only: bool = False) -> Path:
+        point = tmp_path / f"disk{len(mounted)}"
+        point.mkdir()
+        options = f"size={size_kb}k" + (",ro" if read_only else "")
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)]).returncode:
+            pytest.skip("this machine does not let us mount a tmpfs")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        if subprocess.run(["umount", str(point)]).returncode:  # a file left open: a bug
+            subprocess.run(["umount", "--lazy", str(point)], check=False)
+            pytest.fail(f"{point} was busy: a failed write left a file open")
+
+
+def test_export_to_a_read_only_or_full_disk_is_one_line(ckpt, small_disk, capsys):
+    pytest.importorskip("gguf")
+    read_only, full = small_disk(64, read_only=True), small_disk(64)  # the weights need ~120 KB
+    for out, fmt in [(read_only / "hf", "hf"), (read_only / "m.gguf", "gguf"),
+                     (full / "hf", "hf"), (full / "m.gguf", "gguf")]:  # fmt: skip
+        argv = ["export", "--checkpoint", str(ckpt), "--out", str(out), "--format", fmt]
+        err = one_line_error(argv, capsys)
+        assert f"cannot write {out}" in err
+        assert ("Read-only" if out.parent == read_only else "No space left on device") in err
+        assert list(out.parent.iterdir()) == []  # no half folder, no temp file
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """TEXT prepared as characters (the demo's TinyShakespeare would take longer)."""
+    from gpt2.prepare import prepare_text
+
+    folder = tmp_path_factory.mktemp("data")
+    (folder / "in.txt").write_text(TEXT)
+    prepare_text(folder / "in.txt", folder / "chars", tokenizer="char", show_progress=False)
+    return folder / "chars"
+
+
+def train_argv(data: Path, out: Path) -> list[str]:
+    return ["train", "--data", str(data), "--model", "tiny", "--max-iters", "2", "--out-dir",
+            str(out), "--no-plot", "--sample-tokens", "0", "-q"]  # fmt: skip
+
+
+def test_train_out_dir_that_cannot_be_a_folder_is_one_line(
+    small_data, small_disk, tmp_path, capsys
+):
+    (tmp_path / "afile").write_text("keep me")
+    read_only = small_disk(64, read_only=True)
+    for out, reason in [(tmp_path / "afile", "it exists and is not a folder"),
+                        (read_only / "run", "Read-only file system"),
+                        (read_only, "Read-only file system")]:  # fmt: skip
+        assert reason in one_line_error(train_argv(small_data, out), capsys)
+    for argv in (["prepare", "--input", str(small_data / "meta.json"), "--tokenizer", "char"],
+                 ["tokenizer", "train", "--input", str(small_data / "meta.json"),
+                  "--vocab-size", "300"]):  # fmt: skip
+        err = one_line_error([*argv, "--out", str(tmp_path / "afile")], capsys)
+        assert f"{tmp_path / 'afile'}: it exists and is not a folder" in err
+    assert (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_a_checkpoint_save_on_a_full_disk_is_one_line_and_keeps_none_half(
+    small_data, small_disk, capsys
+):
+    disk = small_disk(200)  # a run's folder, not a checkpoint with its optimizer (~400 KB)
+    err = one_line_error(train_argv(small_data, disk / "run"), capsys)
+    assert f"cannot write {disk / 'run' / 'checkpoints'}" in err and "No space left" in err
+    assert not [p for p in disk.rglob("*") if ".tmp" in p.name]
+    assert list((disk / "run" / "checkpoints").iterdir()) == []
+
+
+def test_quiet_silences_the_demo_data_preparation(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the demo prepares TinyShakespeare into ./data
+    argv = ["train", "--model", "tiny", "--max-iters", "1", "--eval-iters", "1", "--out-dir",
+            "run", "--no-plot", "--sample-tokens", "0", "-q"]  # fmt: skip
+    assert main(argv) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_a_metrics_log_that_is_not_text_is_one_line(small_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(train_argv(small_data, run)) == 0
+    capsys.readouterr()
+    with (run / "metrics.jsonl").open("ab") as f:
+        f.write(b"\xff\xfe\n")
+    for argv in (["plot", str(run)], [*train_argv(small_data, run), "--resume", "auto"]):
+        assert "metrics.jsonl is not UTF-8 text" in one_line_error(argv, capsys)
+
+
+def test_train_help_says_the_cpu_precision_rule_that_runs(capsys):
+    from gpt2.device import BF16_MIN_WIDTH
+
+    assert main(["train", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"width {BF16_MIN_WIDTH} or more" in out and "short probe" not in out

@@ -34,13 +34,13 @@ from gpt2.train import Trainer
 cfg, overrides, kill_after_step, kill_in_save = json.loads(sys.argv[1])
 real_save, saves = torch.save, [0]
 
-def dying_save(obj, path, *args, **kwargs):
+def dying_save(obj, f, *args, **kwargs):  # f: a path or an open file, as torch.save takes
     saves[0] += 1
     if saves[0] == kill_in_save:
-        with open(path, "wb") as f:
-            f.write(b"half a file")
+        with open(f, "wb") if isinstance(f, (str, os.PathLike)) else f as out:
+            out.write(b"half a file")
         os.kill(os.getpid(), signal.SIGKILL)
-    return real_save(obj, path, *args, **kwargs)
+    return real_save(obj, f, *args, **kwargs)
 
 torch.save = dying_save
 

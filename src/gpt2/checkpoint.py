@@ -177,8 +177,9 @@ def save_checkpoint(
             optimizer_state = optimizer.state_dict()
         for name, value in ((OPTIMIZER_FILE, optimizer_state), (TRAINER_FILE, trainer_state)):
             if value is not None:
-                with atomic_file(tmp / name) as path:
-                    torch.save(value, path)
+                # torch.save on a file we opened: a failed write cannot leave torch's own open
+                with atomic_file(tmp / name) as path, path.open("wb") as f:
+                    torch.save(value, f)
     return folder
 
 
@@ -270,11 +271,15 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     folder = resolve_checkpoint_dir(path)
     try:
         config = read_json(folder / CONFIG_FILE)
-        if "model_type" in config and "model" not in config:
-            raise UserError(
-                f"{folder} is a Hugging Face model folder, not one of this project's checkpoints "
-                "(it is already in Hugging Face's format; `gpt2 sample` and `gpt2 serve` read it)"
-            )
+    except UserError as e:
+        raise UserError(f"checkpoint {folder} has a corrupt {CONFIG_FILE}: {e}") from None
+    if "model_type" in config and "model" not in config:
+        raise UserError(
+            f"{folder} is a Hugging Face model folder, not one of this project's checkpoints "
+            "(it is already in Hugging Face's format; `gpt2 sample`, `gpt2 serve` and "
+            "`gpt2 export --format gguf` read it)"
+        )
+    try:
         if not isinstance(config.get("model"), dict):
             raise UserError(f"checkpoint {folder} has a {CONFIG_FILE} with no model entry")
         model_config = GPTConfig.from_dict(config["model"])

@@ -11,19 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gpt2.errors import UserError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised only on Python 3.10
-    import tomli as tomllib
-
+from gpt2.files import read_toml
 
 VOCAB_MULTIPLE = 64  # --pad-vocab rounds up to this: tensor cores like multiples of 64
 
@@ -205,7 +199,7 @@ class TrainConfig:
     dtype: str = _help(
         "auto, float32, bfloat16 or float16 (autocast; float16 on CUDA only, with a gradient "
         "scaler); auto is bfloat16 on CUDA GPUs that have it (else float16) and on CPUs that "
-        "multiply bf16 natively when a short probe finds it faster, else float32",
+        "multiply bf16 natively for a model of width 512 or more, else float32",
         default="auto",
     )
     tf32: bool = _help("let CUDA do float32 matrix products in TF32", default=True)
@@ -336,8 +330,4 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
-    try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"config file {path} is not valid TOML: {e}") from None
+    return read_toml(path)

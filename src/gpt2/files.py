@@ -16,14 +16,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from gpt2.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
 
 
 def _umask() -> int:
@@ -36,14 +43,66 @@ def _os_error(path: Path, e: OSError) -> UserError:
     return UserError(f"cannot write {path}: {e.strerror or e}")
 
 
-def make_folder(folder: str | Path, what: str = "output folder") -> Path:
-    """``folder`` and its parents, created if missing; failing, one `UserError` naming it."""
+# How writers that do their own I/O report a failed write: safetensors (Rust) says
+# "I/O error: No space left on device (os error 28)", torch.save "iostream error" or "unexpected
+# pos", numpy's tofile "4096 requested and 432 written" (an OSError without an errno).
+_WRITER_IO_ERROR = re.compile(r"I/O error|iostream error|unexpected pos|requested and")
+_OS_ERROR_NUMBER = re.compile(r"os error (\d+)")
+
+
+def _write_failure(path: Path, e: Exception) -> UserError | None:
+    """The one line for a writer's failed write to ``path``, or None when ``e`` is not one (a
+    bug keeps its traceback)."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return _os_error(path, e)
+    text = str(e)
+    number = _OS_ERROR_NUMBER.search(text)
+    if number is not None:
+        return UserError(f"cannot write {path}: {os.strerror(int(number.group(1)))}")
+    if _WRITER_IO_ERROR.search(text) is None:
+        return None
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(path.parent).free < 1 << 20:
+            return UserError(f"cannot write {path}: No space left on device")
+    return UserError(f"cannot write {path}: {text.strip().splitlines()[-1]}")
+
+
+def refuse_non_folder(folder: str | Path, what: str = "output folder") -> Path:
+    """``folder``, unless a file is in its place: checked before a long job that will write it."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"cannot create {what} {folder}: it exists and is not a folder")
+    return folder
+
+
+def make_folder(folder: str | Path, what: str = "output folder") -> Path:
+    """``folder`` and its parents, created if missing; failing (a file in the way, a read-only
+    location), one `UserError` naming it."""
+    folder = refuse_non_folder(folder, what)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create {what} {folder}: {e.strerror or e}") from None
     return folder
+
+
+def open_log(path: str | Path, append: bool = False) -> IO[str]:
+    """A text file that grows a line at a time (``metrics.jsonl``), where a reader may see the
+    lines written so far; opening it fails with one `UserError` line naming it."""
+    path = Path(path)
+    try:
+        return path.open("a" if append else "w", encoding="utf-8")
+    except OSError as e:
+        raise _os_error(path, e) from None
+
+
+def write_line(f: IO[str], line: str) -> None:
+    """Append ``line`` to a file from `open_log` and flush it; a full disk is one line."""
+    try:
+        f.write(line + "\n")
+        f.flush()
+    except OSError as e:
+        raise _os_error(Path(f.name), e) from None
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -75,8 +134,13 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
         tmp = None
         _fsync_folder(path.parent)
-    except OSError as e:
-        raise _os_error(path, e) from None
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        failure = _write_failure(path, e)
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
@@ -141,6 +205,11 @@ def replaced_folder(final: str | Path) -> Iterator[Path]:
         _fsync_files(tmp)
         _swap_folder(tmp, final)
         tmp = None
+    except UserError as e:
+        if tmp is None:
+            raise
+        # A file inside the temp folder failed: name where it was going, not the temp folder.
+        raise UserError(str(e).replace(str(tmp), str(final))) from None
     except OSError as e:
         raise _os_error(final, e) from None
     finally:
@@ -160,6 +229,21 @@ def _read_text(path: Path) -> str:
         raise UserError(f"{path} is not UTF-8 text (byte {e.start})") from None
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """The lines of a UTF-8 text file (``metrics.jsonl``, whose callers skip a torn last line);
+    a missing or non-UTF-8 file is one `UserError` line naming it."""
+    return _read_text(Path(path)).splitlines()
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file (a run config); a missing, non-UTF-8 or malformed one is one line."""
+    path = Path(path)
+    try:
+        return tomllib.loads(_read_text(path))
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path} is not valid TOML: {e}") from None
 
 
 def read_json(path: str | Path) -> dict[str, Any]:

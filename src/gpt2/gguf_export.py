@@ -30,8 +30,8 @@ so an all-ASCII vocabulary carries one merge of two 0xFF bytes, a byte no UTF-8 
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +41,7 @@ import numpy as np
 
 from gpt2.config import GPTConfig, padded_vocab_size
 from gpt2.errors import UserError
+from gpt2.files import atomic_file
 from gpt2.model import GPT
 from gpt2.tokenizer import EOT_TEXT, GPT2_PATTERN, CharTokenizer, GPT2Tokenizer, Tokenizer
 
@@ -126,29 +127,31 @@ def write_gguf(
     if n_vocab > len(vocab.tokens):  # ids without text: named and marked unused, as llama.cpp's
         vocab.pad_to(n_vocab)  # own converter does
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     file_type = _file_type(gguf, gguf_type)
-    writer = gguf.GGUFWriter(str(tmp), ARCH)
-    try:
-        _add_metadata(writer, gguf, model.config, file_type, name or "gpt2")
-        _add_vocabulary(writer, vocab)
-        for tensor_name, array in gguf_tensors(model, n_vocab):
-            qtype = tensor_type(gguf, tensor_name, array, gguf_type)
-            try:
-                data = gguf.quants.quantize(array, qtype)
-            except gguf.QuantError:  # rows not a whole number of blocks: half precision instead
-                qtype = gguf.GGMLQuantizationType.F16
-                data = gguf.quants.quantize(array, qtype)
-            writer.add_tensor(tensor_name, data, raw_dtype=qtype)
-        writer.add_size_label(gguf.size_label(*writer.get_total_parameter_count()))  # e.g. "124M"
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), ARCH)
+        try:
+            _add_metadata(writer, gguf, model.config, file_type, name or "gpt2")
+            _add_vocabulary(writer, vocab)
+            for tensor_name, array in gguf_tensors(model, n_vocab):
+                qtype = tensor_type(gguf, tensor_name, array, gguf_type)
+                try:
+                    data = gguf.quants.quantize(array, qtype)
+                except gguf.QuantError:  # rows not a whole number of blocks: half precision instead
+                    qtype = gguf.GGMLQuantizationType.F16
+                    data = gguf.quants.quantize(array, qtype)
+                writer.add_tensor(tensor_name, data, raw_dtype=qtype)
+            writer.add_size_label(
+                gguf.size_label(*writer.get_total_parameter_count())
+            )  # e.g. "124M"
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+        except BaseException:  # close it: an open, deleted file would keep its disk space
+            with contextlib.suppress(OSError):
+                writer.close()
+            raise
     log.info("wrote %s (%s)", path, gguf_type)
     return path
 

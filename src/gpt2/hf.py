@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from gpt2.config import GPTConfig, padded_vocab_size
 from gpt2.errors import UserError
-from gpt2.files import atomic_file, read_json, write_json
+from gpt2.files import atomic_file, make_folder, read_json, replaced_folder, write_json
 from gpt2.model import GPT
 from gpt2.tokenizer import Tokenizer
 from gpt2.tokenizer_hf import (
@@ -156,7 +156,7 @@ def save_pretrained(model: GPT, folder: str | Path, tokenizer: Tokenizer | None 
     if tokenizer is not None:
         check_exportable(tokenizer)
         check_vocab_fits(tokenizer, model.config.vocab_size, str(folder))
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     eot = tokenizer.eot_token if tokenizer is not None else None
     if eot is not None and eot >= model.config.vocab_size:
         eot = None
@@ -193,7 +193,11 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, force: bool = Fal
     if out.is_dir() and any(out.iterdir()) and not force:
         raise UserError(f"--out {out} exists and is not empty; pass --force to write into it")
     ckpt = load_checkpoint(checkpoint)
-    return save_pretrained(ckpt.model, out, ckpt.tokenizer)
+    if out.is_dir() and any(out.iterdir()):  # --force: its other files stay, each ours replaced
+        return save_pretrained(ckpt.model, out, ckpt.tokenizer)
+    with replaced_folder(out) as tmp:  # a new folder appears whole or not at all
+        save_pretrained(ckpt.model, tmp, ckpt.tokenizer)
+    return out
 
 
 # --- where the files are --------------------------------------------------------------------

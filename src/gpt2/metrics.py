@@ -20,7 +20,7 @@ import torch
 from gpt2.config import GPTConfig
 from gpt2.device import cpu_peak_flops
 from gpt2.errors import UserError
-from gpt2.files import write_text
+from gpt2.files import open_log, read_lines, write_line, write_text
 
 # Dense peak TFLOP/s by precision, matched against torch.cuda.get_device_name() (first match wins,
 # so the more specific names come first). "float32" is the non-tensor-core figure.
@@ -108,15 +108,11 @@ class MetricsLog:
         if not enabled:
             return
         if resume_step is not None and path.is_file():
-            kept = [
-                line
-                for line in path.read_text(encoding="utf-8").splitlines()
-                if _step_of(line) <= resume_step
-            ]
+            kept = [line for line in read_lines(path) if _step_of(line) <= resume_step]
             write_text(path, "".join(line + "\n" for line in kept))
-            self.file = path.open("a", encoding="utf-8")
+            self.file = open_log(path, append=True)
         else:
-            self.file = path.open("w", encoding="utf-8")
+            self.file = open_log(path)
         if tensorboard_dir is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -135,8 +131,7 @@ class MetricsLog:
             k: (v if not isinstance(v, float) or math.isfinite(v) else None)
             for k, v in record.items()
         }
-        self.file.write(json.dumps(clean) + "\n")
-        self.file.flush()
+        write_line(self.file, json.dumps(clean))
         if self.tensorboard is not None:
             for key, value in clean.items():
                 if key != "step" and isinstance(value, int | float):

@@ -13,7 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from gpt2.errors import UserError
-from gpt2.files import atomic_file
+from gpt2.files import atomic_file, read_lines
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -22,7 +22,7 @@ def read_metrics(path: Path) -> list[dict]:
     """The records of a metrics file; a torn last line (a killed run) is skipped. Where a step
     appears twice (a resumed run), the later record wins."""
     by_key: dict[tuple, dict] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in read_lines(path):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:

@@ -151,6 +151,8 @@ def _existing_settings(out: Path, tok: Tokenizer) -> dict[str, Any] | None:
     tokenizer, or not made by `gpt2 prepare`, is refused."""
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return None
+    if not out.is_dir():
+        raise UserError(f"cannot write {out}: it exists and is not a folder")
     if not (out / META_FILE).is_file() or not (out / TOKENIZER_FILE).is_file():
         raise UserError(
             f"{out} is not empty and holds no prepared data; use an empty or new folder"

@@ -50,6 +50,7 @@ from gpt2.config import GPTConfig, TrainConfig, padded_vocab_size
 from gpt2.device import resolve_device, resolve_dtype
 from gpt2.errors import UserError
 from gpt2.evaluate import Task, load_task
+from gpt2.files import make_folder
 from gpt2.generate import SamplingParams, complete
 from gpt2.loader import Layout, TrainBatches, WindowSequence, fixed_batches
 from gpt2.metrics import (
@@ -593,7 +594,7 @@ class Trainer:
     def _open_metrics(self) -> MetricsLog:
         """``metrics.jsonl`` in out_dir (on rank 0), cut back to the resumed step."""
         if self.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+            make_folder(self.out_dir, "--out-dir")
         return MetricsLog(
             self.out_dir / METRICS_FILE,
             enabled=self.is_main,

@@ -14,7 +14,7 @@ from gpt2.bpe_train import count_words, train_bpe
 from gpt2.commands.options import non_empty, positive_int
 from gpt2.corpus import ReadStats, find_sources, read_corpus
 from gpt2.errors import UserError
-from gpt2.files import make_folder
+from gpt2.files import make_folder, refuse_non_folder
 from gpt2.tokenizer import EOT_TEXT, get_tokenizer
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise UserError(
             f"--vocab-size {args.vocab_size} is below the 256 bytes + {len(specials)} special token(s)"
         )
+    refuse_non_folder(args.out)  # before the work
     counts = count_words(
         _texts(args.input, args.text_field, args.on_bad_line, not args.quiet),
         special_tokens=specials,

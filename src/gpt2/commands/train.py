@@ -94,7 +94,7 @@ def resolve_configs(args: argparse.Namespace) -> tuple[TrainConfig, dict]:
     return train, overrides
 
 
-def demo_data_dir() -> Path:
+def demo_data_dir(show_progress: bool = True) -> Path:
     """TinyShakespeare as characters, prepared on first use (again, if an older gpt2 prepared
     it): the built-in demo's data."""
     from gpt2.assets import fetch
@@ -106,7 +106,9 @@ def demo_data_dir() -> Path:
     except UserError:
         source = fetch("tinyshakespeare/input.txt")
         log.info("preparing %s as characters in %s", source, DEMO_DATA_DIR)
-        prepare_text(source, DEMO_DATA_DIR, tokenizer="char", val_fraction=0.1)
+        prepare_text(
+            source, DEMO_DATA_DIR, tokenizer="char", val_fraction=0.1, show_progress=show_progress
+        )
     return DEMO_DATA_DIR
 
 
@@ -116,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg, overrides = resolve_configs(args)
     if not cfg.data:
-        cfg = dataclasses.replace(cfg, data=str(demo_data_dir()))
+        cfg = dataclasses.replace(cfg, data=str(demo_data_dir(show_progress=not args.quiet)))
     env = distributed.env_from_torchrun()
     try:
         result = Trainer(cfg, overrides, show_progress=not args.quiet).run()
