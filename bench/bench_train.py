@@ -21,6 +21,7 @@ Prints the CPU, the figures, then one JSON line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -105,18 +106,11 @@ class HFStep:
     def __init__(self, c: GPTConfig, cfg: TrainConfig, batches: TrainBatches) -> None:
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        config = GPT2Config(
-            vocab_size=c.vocab_size,
-            n_positions=c.block_size,
-            n_embd=c.n_embd,
-            n_layer=c.n_layer,
-            n_head=c.n_head,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            activation_function="gelu_new",
-            attn_implementation="sdpa",
-        )
+        from gpt2.hf import hf_config
+
+        # The same shape through the exporter's own config, without dropout (as ours runs).
+        shape = hf_config(dataclasses.replace(c, dropout=0.0), eot=None)
+        config = GPT2Config(**shape, attn_implementation="sdpa")
         torch.manual_seed(0)
         self.model = GPT2LMHeadModel(config).train()
         self.optimizer = build_optimizer(self.model, cfg, torch.device("cpu"))

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import gc
 import json
@@ -287,21 +288,13 @@ class HFTrainStep:
         import torch
         from transformers import GPT2Config, GPT2LMHeadModel
 
+        from gpt2.hf import hf_config
         from gpt2.train import build_optimizer
 
         c = like["config"]
-        config = GPT2Config(
-            vocab_size=c.vocab_size,
-            n_positions=c.block_size,
-            n_embd=c.n_embd,
-            n_layer=c.n_layer,
-            n_head=c.n_head,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            activation_function="gelu_new",
-            attn_implementation="sdpa",
-        )
+        # The same shape through the exporter's own config, without dropout (as ours runs).
+        shape = hf_config(dataclasses.replace(c, dropout=0.0), eot=None)
+        config = GPT2Config(**shape, attn_implementation="sdpa")
         torch.manual_seed(0)
         self.device, self.dtype = like["device"], like["dtype"]
         self.model = GPT2LMHeadModel(config).to(self.device).train()

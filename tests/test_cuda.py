@@ -107,18 +107,11 @@ HF_SHAPES = {"small": (3, 4, 128, 128, 1009), "gpt2-124M": (12, 12, 768, 1024, 5
 @pytest.mark.parametrize("shape", list(HF_SHAPES))
 def test_logits_equal_transformers_in_fp32(shape: str, tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
-    n_layer, n_head, n_embd, n_positions, vocab_size = HF_SHAPES[shape]
-    config = transformers.GPT2Config(
-        n_layer=n_layer,
-        n_head=n_head,
-        n_embd=n_embd,
-        n_positions=n_positions,
-        vocab_size=vocab_size,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
+    from test_hf import hf_config  # the CPU parity test's config, for the same comparison on CUDA
+
+    _, _, _, n_positions, vocab_size = HF_SHAPES[shape]
     torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(config)
+    hf = transformers.GPT2LMHeadModel(hf_config(HF_SHAPES[shape]))
     with torch.no_grad():  # no bias left at 0 nor gain at 1: a misplaced one would show
         for p in hf.parameters():
             p.add_(0.02 * torch.randn_like(p))
