@@ -26,6 +26,8 @@ class Tokenizer(ABC):
     """The interface shared by all tokenizers."""
 
     kind: ClassVar[str]  # the "type" written to tokenizer.json
+    # A Jinja chat template (`gpt2.chat`), saved in tokenizer.json; None: the default one.
+    chat_template: str | None = None
 
     @property
     @abstractmethod
@@ -56,7 +58,10 @@ class Tokenizer(ABC):
 
     def save(self, folder: str | Path) -> Path:
         """Write ``tokenizer.json`` into ``folder`` (atomically) and return its path."""
-        return write_json(Path(folder) / TOKENIZER_FILE, self.to_dict(), indent=None)
+        data = self.to_dict()
+        if self.chat_template is not None:
+            data["chat_template"] = self.chat_template
+        return write_json(Path(folder) / TOKENIZER_FILE, data, indent=None)
 
 
 class CharTokenizer(Tokenizer):
@@ -216,7 +221,12 @@ def tokenizer_from_dict(data: dict[str, Any]) -> Tokenizer:
         importlib.import_module(TOKENIZER_MODULES[kind])
     if kind not in TOKENIZER_TYPES:
         raise UserError(f"unknown tokenizer type {kind!r}; known: {', '.join(TOKENIZER_TYPES)}")
-    return TOKENIZER_TYPES[kind](data)
+    tokenizer = TOKENIZER_TYPES[kind](data)
+    template = data.get("chat_template")
+    if template is not None and not isinstance(template, str):
+        raise UserError("tokenizer.json has a chat_template that is not a string")
+    tokenizer.chat_template = template
+    return tokenizer
 
 
 def load_tokenizer(folder: str | Path) -> Tokenizer:

@@ -34,6 +34,7 @@ GPT2_VOCAB_SIZE = 50257
 VOCAB_FILE = "vocab.json"
 MERGES_FILE = "merges.txt"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where newer transformers versions save a template
 # Tokenizer files that Hugging Face reads; an export removes the ones it does not write, so that a
 # stale file from an earlier export never shadows the tokenizer written now.
 HF_TOKENIZER_FILES = (
@@ -42,6 +43,7 @@ HF_TOKENIZER_FILES = (
     MERGES_FILE,
     TOKENIZER_CONFIG_FILE,
     "special_tokens_map.json",
+    CHAT_TEMPLATE_FILE,
 )
 
 
@@ -50,7 +52,22 @@ def load_hf_tokenizer(folder: Path, vocab_size: int) -> Tokenizer:
     ``tokenizer.json``, else GPT-2's."""
     tokenizer = _tokenizer_in(folder, vocab_size)
     check_vocab_fits(tokenizer, vocab_size, str(folder))
+    tokenizer.chat_template = _chat_template_in(folder) or tokenizer.chat_template
     return tokenizer
+
+
+def _chat_template_in(folder: Path) -> str | None:
+    """The folder's chat template: ``chat_template.jinja``, else ``tokenizer_config.json``'s
+    ``chat_template`` (a string, or a list of named ones of which "default" is used)."""
+    if (folder / CHAT_TEMPLATE_FILE).is_file():
+        return (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    if not (folder / TOKENIZER_CONFIG_FILE).is_file():
+        return None
+    template = read_json(folder / TOKENIZER_CONFIG_FILE).get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
 
 
 def _tokenizer_in(folder: Path, vocab_size: int) -> Tokenizer:
@@ -188,6 +205,8 @@ def save_hf_tokenizer(tokenizer: Tokenizer, folder: Path, block_size: int) -> No
     elif isinstance(tokenizer, CharTokenizer):
         write_json(folder / TOKENIZER_FILE, _char_tokenizer_json(tokenizer))
         settings = {"tokenizer_class": "PreTrainedTokenizerFast", **settings}
+        write_json(folder / TOKENIZER_CONFIG_FILE, settings)
+        return  # no end-of-text token: no reply could end, so no chat template
     else:
         tokenizer.save_hf(folder)  # type: ignore[attr-defined]  # our own BPE (gpt2.bpe)
         if (folder / TOKENIZER_CONFIG_FILE).is_file():
@@ -196,6 +215,10 @@ def save_hf_tokenizer(tokenizer: Tokenizer, folder: Path, block_size: int) -> No
         if tokenizer.eot_token is not None:
             eot_text = tokenizer.decode([tokenizer.eot_token])
             settings.update({f"{k}_token": eot_text for k in ("bos", "eos", "unk")})
+    if tokenizer.eot_token is not None:
+        from gpt2.chat import template_of
+
+        settings["chat_template"] = template_of(tokenizer)
     write_json(folder / TOKENIZER_CONFIG_FILE, settings)
 
 
