@@ -135,12 +135,17 @@ def test_past_the_context_the_oldest_turns_go_but_the_system_message_stays(
     assert "dropped the oldest 2 messages" in notes[0]
 
 
-def test_a_message_too_long_alone_is_refused_and_the_session_goes_on(
+def test_a_message_too_long_or_with_end_of_text_is_refused_and_the_session_goes_on(
     monkeypatch, capsys, ckpt, tok
 ):
-    talk = Talk(monkeypatch, capsys, ckpt, ["hi", "word " * 80, "bye"], "--max-new-tokens", "2")
+    lines = ["hi", "word " * 80, "a<|endoftext|>b", "bye"]
+    talk = Talk(monkeypatch, capsys, ckpt, lines, "--max-new-tokens", "2")
     assert talk.code == 0
-    assert "that message is too long for the model's context (64 tokens)" in talk.err
+    assert talk.err.splitlines() == [
+        "gpt2 chat: that message is too long for the model's context (64 tokens), even alone; "
+        "it was not sent",
+        "gpt2 chat: not sent: the message holds <|endoftext|>, which only the template may write",
+    ]
     r = talk.replies
     assert talk.prompts[1] == prompt_ids(tok, [user("hi"), assistant(r[0]), user("bye")])
 

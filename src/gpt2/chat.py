@@ -146,6 +146,16 @@ def prompt_ids(
     return encode_text(tokenizer, render(tokenizer, messages, True, template))
 
 
+def check_plain_text(tokenizer: Tokenizer, messages: Sequence[Message]) -> None:
+    """Refuse a message whose text holds the end-of-text token's text: the template writes it
+    to end a reply, and encodes it as the token, so a message holding it would end turns where
+    none ends (the server refuses it in a completion's prompt too)."""
+    eos = eos_text(tokenizer)
+    for i, m in enumerate(messages):
+        if eos in m["content"]:
+            raise UserError(f"messages[{i}].content holds {eos}, which only the template may write")
+
+
 def reply_lead(
     tokenizer: Tokenizer, messages: Sequence[Message], template: str | None = None
 ) -> str:

@@ -27,13 +27,21 @@ import dataclasses
 import sys
 from typing import TextIO
 
-from gpt2.chat import Message, eos_text, prompt_ids, reply_content, reply_lead
+from gpt2.chat import (
+    Message,
+    check_plain_text,
+    eos_text,
+    prompt_ids,
+    reply_content,
+    reply_lead,
+)
 from gpt2.commands.sample import (
     add_checkpoint_option,
     add_sampling_options,
     add_speed_options,
     params_from_args,
 )
+from gpt2.errors import UserError
 from gpt2.generate import stream
 from gpt2.model import GPT
 from gpt2.sampling import SamplingParams
@@ -137,7 +145,13 @@ class Session:
 
     def reply(self, text: str) -> None:
         """Add the user's message, stream the reply, and keep it (all of it, or up to Ctrl-C)."""
-        self.turns.append({"role": "user", "content": text})
+        message = {"role": "user", "content": text}
+        try:
+            check_plain_text(self.tokenizer, [message])
+        except UserError as e:
+            self.note(f"not sent: {str(e).replace('messages[0].content', 'the message')}")
+            return
+        self.turns.append(message)
         fitted = self.fit()
         if fitted is None:
             self.turns.pop()

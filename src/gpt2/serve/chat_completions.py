@@ -14,7 +14,14 @@ those of the generated text, lead included.
 
 from __future__ import annotations
 
-from gpt2.chat import check_messages, eos_text, prompt_ids, reply_content, reply_lead
+from gpt2.chat import (
+    check_messages,
+    check_plain_text,
+    eos_text,
+    prompt_ids,
+    reply_content,
+    reply_lead,
+)
 from gpt2.detokenize import TokenText
 from gpt2.errors import UserError
 from gpt2.serve.errors import APIError
@@ -51,6 +58,7 @@ def plan(
         raise APIError(400, str(e), code="chat_not_supported") from None
     try:
         messages = check_messages(req.messages)
+        check_plain_text(tokenizer, messages)
         ids = prompt_ids(tokenizer, messages)
         lead = reply_lead(tokenizer, messages)
     except UserError as e:
