@@ -29,7 +29,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gpt2.decode import KVCacheEngine
 from gpt2.model import GPT
-from gpt2.serve import chat_completions, completions
+from gpt2.serve import chat_completions as chat_api
+from gpt2.serve import completions as text_api
 from gpt2.serve.errors import APIError, install_error_handlers
 from gpt2.serve.jobs import Job
 from gpt2.serve.limits import Limits, check_messages_size, check_prompt_size, max_prompt_chars
@@ -128,13 +129,12 @@ def create_app(
         return await _until_done_or_gone(job, request)
 
     @app.post("/v1/completions", response_model=Completion, responses=ERRORS)
-    async def text_completions(body: CompletionRequest, request: Request) -> Response:
-        return await answer(body, completions.plan, completions.TextCompletion, request)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await answer(body, text_api.plan, text_api.TextCompletion, request)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS)
-    async def chat(body: ChatCompletionRequest, request: Request) -> Response:
-        job = chat_completions.ChatCompletionJob
-        return await answer(body, chat_completions.plan, job, request)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await answer(body, chat_api.plan, chat_api.ChatCompletionJob, request)
 
     def check_body(path: str, body: bytes) -> None:
         if path == "/v1/completions":
