@@ -381,3 +381,22 @@ def test_two_processes_weigh_tokens_as_one_process_accumulating(chat_data, tmp_p
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     val = [[r["val_loss"] for r in records(out) if "val_loss" in r] for out in (tmp_path / "ranks", tmp_path / "single")]  # fmt: skip
     assert val[0] == pytest.approx(val[1], abs=1e-5)
+
+
+def test_every_command_in_docs_chat_parses():
+    """docs/chat.md's commands spell real options (they run above, on local data)."""
+    import re
+    import shlex
+
+    from gpt2.cli import build_parser
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "chat.md").read_text(encoding="utf-8")
+    commands = [
+        line.split("#", 1)[0].strip()
+        for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines()
+        if line.strip().startswith("gpt2 ")
+    ]
+    assert len(commands) >= 8
+    for command in commands:
+        assert callable(build_parser().parse_args(shlex.split(command)[1:]).func), command

@@ -422,9 +422,15 @@ def check_same_settings(out: Path, found: dict[str, Any], wanted: dict[str, Any]
         if found.get(key) != value:
             what = "tokenizer" if key == "tokenizer" else f"setting {key!r}"
             raise UserError(
-                f"{out} holds shards prepared with a different {what} ({found.get(key)!r}, now {value!r}); "
+                f"{out} holds shards prepared with a different {what} ({_short(found.get(key))}, now {_short(value)}); "
                 "use another --out folder, or delete this one to start again"
             )
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters: a chat template can be pages long."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def start_or_resume(out: Path, settings: dict[str, Any]) -> Progress | dict[str, Any]:
