@@ -400,3 +400,12 @@ def test_every_command_in_docs_chat_parses():
     assert len(commands) >= 8
     for command in commands:
         assert callable(build_parser().parse_args(shlex.split(command)[1:]).func), command
+
+
+def test_a_text_folder_is_not_taken_for_conversations(tmp_path):
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(30)))
+    args = ["-q", "prepare", "--input", str(jsonl), "--out", str(tmp_path / "out"), "--val-fraction", "0.1"]  # fmt: skip
+    assert main([*args, "--shard-tokens", "600"]) == 0
+    assert main([*args, "--shard-tokens", "600", "--chat", "--messages-field", "text"]) == 2
+    assert load_masks(tmp_path / "out", "train") is None

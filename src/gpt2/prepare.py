@@ -411,7 +411,8 @@ def run_settings(
         "on_bad_line": on_bad_line,
         "sources": [s.describe() for s in sources],
     }
-    if chat:
+    if chat:  # (absent for text, so that folders prepared before chat existed still match)
+        settings["chat"] = True
         settings["chat_template"] = tokenizer.chat_template  # None: gpt2.chat.DEFAULT_TEMPLATE
     return settings
 
