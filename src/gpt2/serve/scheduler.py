@@ -4,7 +4,7 @@ Requests arrive on the event loop; model work happens here, on one thread, so th
 blocks. Each loop of the worker:
 
 1. admits waiting sequences into free slots, prefilling their prompts and sampling their first
-   tokens;
+   tokens (and again, before stepping, for those that arrived during that prefill);
 2. drops sequences whose client went away, freeing their slots;
 3. runs ONE decode step for all active sequences at once: a (B, V) batch of logits, sampled row
    by row with each request's own settings.
