@@ -41,7 +41,7 @@ gpu-check:  ## on a CUDA GPU: correctness, training MFU, decoding vs transformer
 gpu-check-dry-run:  ## the same steps on tiny shapes on the CPU (about a minute)
 	$(BIN)/python bench/gpu_check.py --device cpu --quick --results-dir out/gpu-check
 
-llama-cpp: $(INSTALLED)  ## build llama.cpp's tools for the GGUF tests, cached in ~/.cache/gpt2-llama.cpp (once)
+llama-cpp: $(INSTALLED)  ## build llama.cpp's tools (GGUF tests, llama-server for bench/bench_serve_llama_cpp.py), cached in ~/.cache/gpt2-llama.cpp
 	PYTHON=$(BIN)/python bash scripts/build_llama_cpp.sh
 
 lint: $(INSTALLED)

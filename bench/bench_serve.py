@@ -13,6 +13,9 @@ tokens. Prints a table, then one JSON line.
 
     python bench/bench_serve.py                      # 32 clients x 64 tokens, 500 requests
     python bench/bench_serve.py --clients 8 --requests 50
+
+bench_serve_llama_cpp.py runs the same clients against `gpt2 serve` and llama.cpp's llama-server
+side by side, on GPT-2 124M.
 """
 
 from __future__ import annotations
@@ -107,8 +110,11 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-async def stream_one(http: httpx.AsyncClient, tokens: int, seed: int) -> tuple[float, float, int]:
-    """One streaming request: (time to first token, total time, tokens received)."""
+async def stream_one(
+    http: httpx.AsyncClient, tokens: int, seed: int, sampling: dict | None = None
+) -> tuple[float, float, int]:
+    """One streaming request: (time to first token, total time, tokens received). ``sampling``:
+    more fields for the body (bench_serve_llama_cpp.py sends both servers the same settings)."""
     body = {
         "prompt": PROMPT,
         "max_tokens": tokens,
@@ -116,6 +122,7 @@ async def stream_one(http: httpx.AsyncClient, tokens: int, seed: int) -> tuple[f
         "stream_options": {"include_usage": True},  # the token count, in a last chunk
         "seed": seed,
         "logit_bias": {EOT: -100},
+        **(sampling or {}),
     }
     start = time.perf_counter()
     first = None
@@ -136,12 +143,13 @@ async def stream_one(http: httpx.AsyncClient, tokens: int, seed: int) -> tuple[f
     return first or float("nan"), time.perf_counter() - start, received
 
 
-async def concurrent(url: str, clients: int, tokens: int) -> dict:
+async def concurrent(url: str, clients: int, tokens: int, sampling: dict | None = None) -> dict:
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
         start = time.perf_counter()
         results = await asyncio.gather(
-            *(stream_one(http, tokens, seed=i) for i in range(clients)), return_exceptions=True
+            *(stream_one(http, tokens, i, sampling) for i in range(clients)),
+            return_exceptions=True,
         )
         wall = time.perf_counter() - start
     errors = [r for r in results if isinstance(r, BaseException)]
@@ -161,16 +169,22 @@ async def concurrent(url: str, clients: int, tokens: int) -> dict:
     }
 
 
-async def sequential_single(url: str, requests: int, tokens: int) -> dict:
-    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
-        await stream_one(http, 4, seed=0)  # warm-up
+async def sequential_single(
+    url: str, requests: int, tokens: int, sampling: dict | None = None
+) -> dict:
+    # A new connection for each request: llama-server (cpp-httplib) may close a kept-alive one
+    # just as the next request goes out on it, which httpx reports as a disconnect.
+    fresh = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=fresh) as http:
+        await stream_one(http, 4, 0, sampling)  # warm-up
         start = time.perf_counter()
-        results = [await stream_one(http, tokens, seed=i) for i in range(requests)]
+        results = [await stream_one(http, tokens, i, sampling) for i in range(requests)]
         wall = time.perf_counter() - start
     total = sum(r[2] for r in results)
     return {
         "tokens_per_s": total / wall,
         "ttft_p50_ms": 1000 * statistics.median(r[0] for r in results),
+        "complete": sum(r[2] == tokens for r in results),
     }
 
 

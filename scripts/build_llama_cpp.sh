@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Build the llama.cpp tools the GGUF tests run, from the llama.cpp source that the llama-cpp-python
-# sdist vendors (PyPI is reachable where GitHub may not be). The build is cached outside the
-# repository, keyed by version and machine: a second run only prints the folder, and a run that
-# asks for more tools builds just those.
+# Build the llama.cpp tools the GGUF tests and the benchmarks run, from the llama.cpp source that
+# the llama-cpp-python sdist vendors (PyPI is reachable where GitHub may not be). The build is
+# cached outside the repository, keyed by version and machine: a second run only prints the
+# folder, and a run that asks for more tools builds just those.
 #
 #   scripts/build_llama_cpp.sh            # prints the folder holding bin/ and src/ (the converter)
 #   scripts/build_llama_cpp.sh --find     # prints it only if it is built, else exits 1
@@ -14,16 +14,21 @@ set -euo pipefail
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 PYTHON="${PYTHON:-python3}"
 JOBS="${JOBS:-2}"
-TOOLS=(llama-perplexity llama-simple llama-tokenize llama-completion llama-bench)
+TOOLS=(llama-perplexity llama-simple llama-tokenize llama-completion llama-bench llama-server)
 ROOT="${GPT2_LLAMA_CPP_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/gpt2-llama.cpp/$VERSION-$(uname -m)}"
-STAMP="$ROOT/.complete"
 
-if [[ -f "$STAMP" && "$(cat "$STAMP")" == "${TOOLS[*]}" ]]; then
+# A tool is built when bin/ holds it: it is renamed there only after its build succeeded. (The
+# .complete file earlier versions of this script compared is left as it is, for their sake.)
+MISSING=()
+for tool in "${TOOLS[@]}"; do
+    [[ -x "$ROOT/bin/$tool" ]] || MISSING+=("$tool")
+done
+if (( ${#MISSING[@]} == 0 )); then
     echo "$ROOT"
     exit 0
 fi
 if [[ "${1:-}" == "--find" ]]; then
-    echo "build_llama_cpp.sh: llama.cpp is not built in $ROOT" >&2
+    echo "build_llama_cpp.sh: llama.cpp is not built in $ROOT (missing: ${MISSING[*]})" >&2
     exit 1
 fi
 
@@ -44,15 +49,17 @@ fi
 
 start=$(date +%s)
 # Native code for this machine (the cache is per machine); static, so bin/ holds whole programs.
+# llama-server (bench/bench_serve.py) is built without its web page: no npm, no download of the
+# prebuilt page, so the build stays offline once the source is here.
 cmake -S "$ROOT/src" -B "$ROOT/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
-    -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF \
-    -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF >&2
-cmake --build "$ROOT/build" --config Release -j "$JOBS" --target "${TOOLS[@]}" >&2
-echo "build_llama_cpp.sh: built ${TOOLS[*]} in $(( $(date +%s) - start )) s with -j $JOBS" >&2
+    -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=ON \
+    -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF >&2
+cmake --build "$ROOT/build" --config Release -j "$JOBS" --target "${MISSING[@]}" >&2
+echo "build_llama_cpp.sh: built ${MISSING[*]} in $(( $(date +%s) - start )) s with -j $JOBS" >&2
 
 mkdir -p "$ROOT/bin"
-for tool in "${TOOLS[@]}"; do
-    cp "$ROOT/build/bin/$tool" "$ROOT/bin/"
+for tool in "${MISSING[@]}"; do
+    cp "$ROOT/build/bin/$tool" "$ROOT/bin/.$tool.tmp"
+    mv -f "$ROOT/bin/.$tool.tmp" "$ROOT/bin/$tool"
 done
-echo "${TOOLS[*]}" > "$STAMP"
 echo "$ROOT"

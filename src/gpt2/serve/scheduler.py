@@ -4,7 +4,7 @@ Requests arrive on the event loop; model work happens here, on one thread, so th
 blocks. Each loop of the worker:
 
 1. admits waiting sequences into free slots, prefilling their prompts and sampling their first
-   tokens;
+   tokens (and again, before stepping, for those that arrived during that prefill);
 2. drops sequences whose client went away, freeing their slots;
 3. runs ONE decode step for all active sequences at once: a (B, V) batch of logits, sampled row
    by row with each request's own settings.
@@ -175,6 +175,7 @@ class Scheduler:
 
     def _run(self) -> None:
         decoder = self.decoder
+        admitted_since_step = 0
         while True:
             with self._cond:
                 while not (self._stopping or self._waiting or decoder.active):
@@ -188,6 +189,15 @@ class Scheduler:
                         admitted.append(seq)
             if admitted:
                 self._work(admitted, partial(decoder.admit, admitted), "prefill")
+                admitted_since_step += len(admitted)
+                # Those that arrived during that prefill join before the next step rather than a
+                # step later (a burst of requests reaches the worker over one prefill, not at
+                # once); at most a batch's worth between two steps, so decoding never starves.
+                with self._cond:
+                    more = bool(self._waiting and decoder.free)
+                if more and admitted_since_step < self.engine.slots:
+                    continue
+            admitted_since_step = 0
             for seq in [s for s in decoder.active if s.cancelled]:  # type: ignore[attr-defined]
                 decoder.drop(seq)
             batch = list(decoder.active)
