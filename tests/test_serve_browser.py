@@ -120,3 +120,91 @@ def test_playground_shows_the_servers_error_message(browser):
             assert page.locator("#generate").is_enabled()
         finally:
             page.close()
+
+
+def test_playground_chat_streams_replies_keeps_the_history_stops_and_resets(browser):
+    tok = GPT2Tokenizer()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=tok.vocab_size))
+    engine = StepByStep(model.eval(), slots=2)
+    app = create_app(model, tok, model_name="tiny-chat", engine=engine)
+    system = {"role": "system", "content": "Be terse."}
+    with running_server(app) as url:
+        page = browser.new_page()
+        try:
+            page.goto(url, timeout=WAIT_MS)
+            sync_api.expect(page.locator("#model")).to_contain_text("tiny-chat", timeout=WAIT_MS)
+            page.click("#tab_chat")
+            assert page.locator("#complete_view").is_hidden()
+            page.fill("#max_tokens", "6")
+            page.fill("#seed", "3")
+            page.fill("#system", "Be terse.")
+
+            def say(text: str) -> dict:
+                """Type ``text`` and press Enter; the request the page sent."""
+                page.fill("#chat_input", text)
+                with page.expect_request("**/v1/chat/completions") as request:
+                    page.press("#chat_input", "Enter")
+                return request.value.post_data_json
+
+            # The reply's first token (from the prefill) is on the page while decoding is held.
+            sent = say("Hello")
+            assert sent["messages"] == [system, {"role": "user", "content": "Hello"}]
+            assert sent["stream"] is True and sent["logprobs"] is True
+            reply = page.locator("#chat_log .msg.assistant .text").last
+            sync_api.expect(reply.locator(".tok")).to_have_count(1, timeout=WAIT_MS)
+            assert page.locator("#send").is_disabled() and page.locator("#chat_stop").is_enabled()
+            assert page.locator("#chat_log .msg.user .text").inner_text() == "Hello"
+            assert page.locator("#chat_input").input_value() == ""
+
+            engine.go.set()
+            stats = page.locator("#chat_stats")
+            sync_api.expect(stats).to_contain_text("finished", timeout=WAIT_MS)
+            first = reply.text_content()
+            assert first and 1 < reply.locator(".tok").count() <= 6
+            reply.locator(".tok").nth(0).hover()
+            sync_api.expect(page.locator("#tooltip")).to_be_visible(timeout=WAIT_MS)
+
+            # The next request carries the history, the reply as it was shown.
+            sent = say("And then?")
+            assert sent["messages"] == [
+                system,
+                {"role": "user", "content": "Hello"},
+                {"role": "assistant", "content": first},
+                {"role": "user", "content": "And then?"},
+            ]
+            sync_api.expect(stats).to_contain_text("finished", timeout=WAIT_MS)
+
+            # Stop: the reply ends where it was, and stays in the history.
+            engine.go.clear()
+            say("More")
+            sync_api.expect(reply.locator(".tok")).to_have_count(1, timeout=WAIT_MS)
+            page.click("#chat_stop")
+            sync_api.expect(stats).to_contain_text("stopped", timeout=WAIT_MS)
+            assert page.locator("#send").is_enabled()
+            stopped = reply.text_content()
+            engine.go.set()
+            sent = say("Go on")
+            assert sent["messages"][-2:] == [
+                {"role": "assistant", "content": stopped},
+                {"role": "user", "content": "Go on"},
+            ]
+            sync_api.expect(stats).to_contain_text("finished", timeout=WAIT_MS)
+
+            # Reset: an empty log, and the next request has the system prompt and itself only.
+            page.click("#reset")
+            assert page.locator("#chat_log .msg").count() == 0
+            sent = say("Hi again")
+            assert sent["messages"] == [system, {"role": "user", "content": "Hi again"}]
+            sync_api.expect(stats).to_contain_text("finished", timeout=WAIT_MS)
+
+            # A refused request shows the server's message and gives the text back.
+            page.fill("#max_tokens", "500")
+            say("Too long a reply")
+            error = page.locator("#chat_error")
+            sync_api.expect(error).to_contain_text("max_tokens must be at most 64", timeout=WAIT_MS)
+            assert page.locator("#chat_input").input_value() == "Too long a reply"
+            assert page.locator("#chat_log .msg").count() == 2  # the exchange before
+        finally:
+            engine.go.set()
+            page.close()

@@ -7,6 +7,9 @@ Two sources of requests, both against a live server on a free loopback port:
 - hypothesis builds bodies around the completions fields with values of every JSON type, and
   raw bytes that are not JSON at all.
 
+The model reads bytes (a byte-level BPE with no merges, and end-of-text, so that chat requests
+generate too).
+
 Every answer must be a 2xx, or a 4xx in OpenAI's error shape; the server must still be healthy.
 """
 
@@ -25,16 +28,17 @@ import httpx  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from gpt2.bpe import BPETokenizer  # noqa: E402
 from gpt2.config import GPTConfig  # noqa: E402
 from gpt2.model import GPT  # noqa: E402
 from gpt2.serve.app import create_app  # noqa: E402
 from gpt2.serve.limits import Limits  # noqa: E402
 from gpt2.serve.live import running_server  # noqa: E402
-from gpt2.serve.schemas import CompletionRequest  # noqa: E402
-from gpt2.tokenizer import CharTokenizer  # noqa: E402
+from gpt2.serve.schemas import ChatCompletionRequest, CompletionRequest  # noqa: E402
+from gpt2.tokenizer import EOT_TEXT  # noqa: E402
 
 # A small vocabulary and context keep each valid request to a few milliseconds.
-CHARS = CharTokenizer(string.printable)
+BYTES = BPETokenizer({bytes([b]): b for b in range(256)}, [], {EOT_TEXT: 256})
 LIMITS = Limits(max_n=4, max_prompts=4, max_batch=8, max_queue=16)
 FUZZ = settings(
     max_examples=150,
@@ -48,12 +52,15 @@ FUZZ = settings(
 @pytest.fixture(scope="module")
 def server():
     torch.manual_seed(0)
-    config = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=48, vocab_size=CHARS.vocab_size)
-    app = create_app(GPT(config).eval(), CHARS, model_name="fuzz", limits=LIMITS)
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=48, vocab_size=BYTES.vocab_size)
+    app = create_app(GPT(config).eval(), BYTES, model_name="fuzz", limits=LIMITS)
     with running_server(app) as url, httpx.Client(base_url=url, timeout=60) as http:
         yield url, http
         assert http.get("/health").json()["status"] == "ok"
         assert app.state.scheduler.stats().active == 0
+
+
+OBJECTS = {"/v1/completions": "text_completion", "/v1/chat/completions": "chat.completion"}
 
 
 def check(response: httpx.Response) -> None:
@@ -68,9 +75,9 @@ def check(response: httpx.Response) -> None:
         assert events[-1] == "data: [DONE]"
         for e in events[:-1]:
             assert "error" not in json.loads(e.removeprefix("data: "))
-    elif response.request.url.path == "/v1/completions":
+    elif response.request.url.path in OBJECTS:
         body = response.json()
-        assert body["object"] == "text_completion"
+        assert body["object"] == OBJECTS[response.request.url.path]
         assert all(c["finish_reason"] in ("stop", "length") for c in body["choices"])
 
 
@@ -92,7 +99,11 @@ def test_schemathesis_finds_no_server_error(server, mode):
     schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
     generation = schemathesis.GenerationMode(mode)
     operations = [op.ok() for op in schema.get_all_operations()]
-    assert {op.label for op in operations} >= {"POST /v1/completions", "GET /v1/models"}
+    assert {op.label for op in operations} >= {
+        "POST /v1/completions",
+        "POST /v1/chat/completions",
+        "GET /v1/models",
+    }
     for op in operations:
         if mode == "negative" and not op.body:
             continue  # a GET's only parameter is a free string: nothing can break its schema
@@ -130,32 +141,63 @@ PLAUSIBLE = {
     "logit_bias": st.dictionaries(st.text(max_size=4), st.floats(-200, 200), max_size=3),
     "model": st.sampled_from(["fuzz", "other", ""]),
 }
-FIELDS = sorted(CompletionRequest.model_fields)
+MESSAGES = st.lists(
+    st.fixed_dictionaries(
+        {
+            "role": st.sampled_from(["user", "assistant", "system", "user", "tool"]),
+            "content": st.text(alphabet=string.printable, max_size=12)
+            | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": st.text()})),
+        }
+    ),
+    min_size=1,
+    max_size=3,
+)
+CHAT_PLAUSIBLE = {
+    **PLAUSIBLE,
+    "messages": MESSAGES,
+    "max_completion_tokens": st.integers(-3, 60),
+    "logprobs": st.booleans(),
+    "top_logprobs": st.integers(-1, 22),
+}
+ENDPOINTS = {  # path: (its fields, plausible values, the field that makes it generate)
+    "/v1/completions": (sorted(CompletionRequest.model_fields), PLAUSIBLE, "prompt"),
+    "/v1/chat/completions": (
+        sorted(ChatCompletionRequest.model_fields),
+        CHAT_PLAUSIBLE,
+        "messages",
+    ),
+}
 
 
 @st.composite
-def bodies(draw) -> dict:
+def bodies(draw, path: str) -> dict:
     """A body of known fields with plausible values, sometimes wrong types or unknown fields."""
+    fields, plausible_values, main = ENDPOINTS[path]
     body = {}
-    for name in draw(st.lists(st.sampled_from([*FIELDS, "junk"]), max_size=8, unique=True)):
-        plausible = PLAUSIBLE.get(name)
+    for name in draw(st.lists(st.sampled_from([*fields, "junk"]), max_size=8, unique=True)):
+        plausible = plausible_values.get(name)
         body[name] = draw(plausible | JSON_VALUES if plausible is not None else JSON_VALUES)
     if draw(st.integers(0, 3)):  # mostly with a prompt, so that some requests generate
-        body.setdefault("prompt", draw(PLAUSIBLE["prompt"]))
+        body.setdefault(main, draw(plausible_values[main]))
     return body
 
 
-@FUZZ
-@given(body=bodies())
-def test_hypothesis_bodies_get_no_server_error(server, body):
+@pytest.mark.parametrize("path", sorted(ENDPOINTS))
+def test_hypothesis_bodies_get_no_server_error(server, path):
     _, http = server
-    check(
-        http.post(
-            "/v1/completions",
-            content=json.dumps(body, allow_nan=True),
-            headers={"content-type": "application/json"},
+
+    @FUZZ
+    @given(body=bodies(path))
+    def run(body) -> None:
+        check(
+            http.post(
+                path,
+                content=json.dumps(body, allow_nan=True),
+                headers={"content-type": "application/json"},
+            )
         )
-    )
+
+    run()
 
 
 @FUZZ

@@ -146,6 +146,44 @@ def prompt_ids(
     return encode_text(tokenizer, render(tokenizer, messages, True, template))
 
 
+def check_plain_text(tokenizer: Tokenizer, messages: Sequence[Message]) -> None:
+    """Refuse a message whose text holds the end-of-text token's text: the template writes it
+    to end a reply, and encodes it as the token, so a message holding it would end turns where
+    none ends (the server refuses it in a completion's prompt too)."""
+    eos = eos_text(tokenizer)
+    for i, m in enumerate(messages):
+        if eos in m["content"]:
+            raise UserError(f"messages[{i}].content holds {eos}, which only the template may write")
+
+
+def reply_lead(
+    tokenizer: Tokenizer, messages: Sequence[Message], template: str | None = None
+) -> str:
+    """What the template writes between the generation prompt and a reply's content: the
+    default template's space after ``Assistant:``, which the model writes as the start of its
+    reply (`` 82``). A reply less its lead is the content that, put back in the conversation,
+    renders the text the model wrote (`reply_content`). "" if the template shows no such text."""
+    mark = "\x00reply\x00"
+    try:
+        prompt = render(tokenizer, messages, True, template)
+        whole = render(
+            tokenizer, [*messages, {"role": "assistant", "content": mark}], template=template
+        )
+    except UserError:  # a template that refuses a conversation ending in a reply
+        return ""
+    at = whole.find(mark, len(prompt))
+    return whole[len(prompt) : at] if whole.startswith(prompt) and at >= 0 else ""
+
+
+def reply_content(text: str, lead: str, done: bool = True) -> str:
+    """The content of a reply whose generated text is ``text``: less the template's ``lead``
+    if it starts with it. While it is still being generated (not ``done``), a text that may yet
+    become the lead shows nothing, so that what is shown only ever grows."""
+    if text.startswith(lead):
+        return text[len(lead) :]
+    return "" if not done and lead.startswith(text) else text
+
+
 def conversation_ids(
     tokenizer: Tokenizer, messages: Sequence[Message], template: str | None = None
 ) -> tuple[list[int], list[bool]]:

@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "gpt2.commands.sample",
     "gpt2.commands.presets",
     "gpt2.commands.serve",
+    "gpt2.commands.chat",
     "gpt2.commands.export",
     "gpt2.commands.tokenizer",
     "gpt2.commands.eval",
@@ -58,7 +59,7 @@ def build_parser() -> ArgumentParser:
     """The full parser: global options, then one subparser per module in `COMMAND_MODULES`."""
     parser = ArgumentParser(
         prog="gpt2",
-        description="GPT-2 from scratch: prepare data, train, sample, evaluate, export, serve.",
+        description="GPT-2 from scratch: prepare data, train, sample, chat, evaluate, export, serve.",
     )
     parser.add_argument(
         "-q", "--quiet", action="store_true", help="no progress bars; only warnings and errors"

@@ -16,17 +16,55 @@ from gpt2.tokenizer import Tokenizer
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="generate text from a checkpoint")
+    add_checkpoint_option(p)
+    p.add_argument("--prompt", default="", help="text to continue (default: start of text)")
+    g, s = add_sampling_options(p, "tokens to generate per sample")
+    g.add_argument(
+        "--num-beams",
+        type=int,
+        default=1,
+        help="beam search with this many beams; deterministic (default: 1, off)",
+    )
+    g.add_argument(
+        "--length-penalty",
+        type=float,
+        default=1.0,
+        help="beam search: score = logprob / length ** this (default: 1)",
+    )
+    g.add_argument(
+        "--early-stopping",
+        action="store_true",
+        help="beam search: stop once num-beams beams have ended",
+    )
+    s.add_argument(
+        "--ignore-eot", action="store_true", help="keep going past the end-of-text token"
+    )
+    s.add_argument("--num-samples", type=int, default=1, help="how many samples (default: 1)")
+    s.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    add_speed_options(p)
+    p.set_defaults(func=run)
+
+
+def add_checkpoint_option(p: argparse.ArgumentParser) -> None:
+    """``--checkpoint``, as every command that generates takes it."""
     p.add_argument(
         "--checkpoint",
         required=True,
         help="checkpoint folder (or the run folder holding it), a Hugging Face GPT-2 folder, or a Hub name",
     )
-    p.add_argument("--prompt", default="", help="text to continue (default: start of text)")
+
+
+def add_sampling_options(
+    p: argparse.ArgumentParser, max_new_tokens_help: str
+) -> tuple[argparse._ArgumentGroup, argparse._ArgumentGroup]:
+    """The sampling flags `params_from_args` reads (``gpt2 sample`` and ``gpt2 chat`` take
+    them): the length, the decoding rules, stop strings and the seed. Returns the "decoding"
+    and the "stopping and output" groups, for a command to add its own flags to."""
     p.add_argument(
         "--max-new-tokens",
         type=int,
         default=200,
-        help="tokens to generate per sample (default: 200)",
+        help=f"{max_new_tokens_help} (default: 200)",
     )
     g = p.add_argument_group("decoding")
     g.add_argument(
@@ -71,23 +109,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=0.0,
         help="subtracted per earlier occurrence in the output (default: 0)",
     )
-    g.add_argument(
-        "--num-beams",
-        type=int,
-        default=1,
-        help="beam search with this many beams; deterministic (default: 1, off)",
-    )
-    g.add_argument(
-        "--length-penalty",
-        type=float,
-        default=1.0,
-        help="beam search: score = logprob / length ** this (default: 1)",
-    )
-    g.add_argument(
-        "--early-stopping",
-        action="store_true",
-        help="beam search: stop once num-beams beams have ended",
-    )
     s = p.add_argument_group("stopping and output")
     s.add_argument(
         "--stop",
@@ -97,23 +118,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="end the text before this string (repeatable)",
     )
     s.add_argument(
-        "--ignore-eot", action="store_true", help="keep going past the end-of-text token"
-    )
-    s.add_argument(
         "--seed", type=int, default=1337, help="random seed: the same seed gives the same text"
     )
-    s.add_argument("--num-samples", type=int, default=1, help="how many samples (default: 1)")
-    s.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    return g, s
+
+
+def add_speed_options(p: argparse.ArgumentParser) -> None:
+    """Where the model runs, and how its weights are stored for decoding."""
     r = p.add_argument_group("speed")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     r.add_argument(
         "--quantize", choices=QUANTIZE_MODES, default="none",
         help="int8: int8 weights for faster CPU decoding, at a small cost in quality (default: none)",
     )  # fmt: skip
-    p.set_defaults(func=run)
 
 
-def params_from_args(args: argparse.Namespace) -> SamplingParams:
+def params_from_args(args: argparse.Namespace, **more: object) -> SamplingParams:
+    """The settings of `add_sampling_options`' flags, with ``more`` fields (a command's own,
+    such as beam search), validated: a bad value is one line naming its flag."""
     try:
         params = SamplingParams(
             max_new_tokens=args.max_new_tokens,
@@ -125,16 +147,25 @@ def params_from_args(args: argparse.Namespace) -> SamplingParams:
             presence_penalty=args.presence_penalty,
             frequency_penalty=args.frequency_penalty,
             stop=tuple(args.stop),
-            ignore_eot=args.ignore_eot,
             seed=args.seed,
-            num_return_sequences=args.num_samples,
-            num_beams=args.num_beams,
-            length_penalty=args.length_penalty,
-            early_stopping=args.early_stopping,
+            **more,  # type: ignore[arg-type]
         ).validate()
     except UserError as e:  # name the flag, not the field
         flag = "--" + str(e).replace("_", "-").replace("num-return-sequences", "num-samples")
         raise UserError(flag) from None
+    return params
+
+
+def sample_params(args: argparse.Namespace) -> SamplingParams:
+    """``gpt2 sample``'s settings: the shared ones, beam search, samples, end-of-text."""
+    params = params_from_args(
+        args,
+        ignore_eot=args.ignore_eot,
+        num_return_sequences=args.num_samples,
+        num_beams=args.num_beams,
+        length_penalty=args.length_penalty,
+        early_stopping=args.early_stopping,
+    )
     if args.stream and args.num_beams > 1:
         raise UserError("--stream needs --num-beams 1: beams change until the search ends")
     return params
@@ -161,7 +192,7 @@ def crop_prompt(prompt: str, tok: Tokenizer, block_size: int) -> str | list[int]
 
 
 def run(args: argparse.Namespace) -> int:
-    params = params_from_args(args)
+    params = sample_params(args)
     device = resolve_device(args.device)
     model, tok = load_model(args.checkpoint, device)
     model = prepare_for_decoding(model, args.quantize)

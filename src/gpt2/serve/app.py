@@ -1,11 +1,13 @@
-"""The FastAPI application: OpenAI's completions and models routes, a health check, the playground.
+"""The FastAPI application: OpenAI's completions, chat completions and models routes, a health
+check, the playground.
 
 `create_app` wires a model and tokenizer to a `Scheduler` (model work on its worker thread) and
 wraps the routes in two plain ASGI layers, outermost first:
 
     ApiKeyAuth   ``/v1/*`` needs ``Authorization: Bearer KEY`` when the server has a key (401)
     BodyLimit    a body over ``max_body_bytes`` is refused (413) before anything parses it, and a
-                 completion whose prompt cannot fit the context (400) before the schema reads it
+                 completion whose prompt (a chat request whose messages) cannot fit the context
+                 (400) before the schema reads it
 
 Everything the API refuses comes back as ``{"error": {...}}`` with a 4xx (see ``errors.py``).
 """
@@ -27,17 +29,22 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gpt2.decode import KVCacheEngine
 from gpt2.model import GPT
-from gpt2.serve.completions import Completions, plan
+from gpt2.serve import chat_completions as chat_api
+from gpt2.serve import completions as text_api
 from gpt2.serve.errors import APIError, install_error_handlers
-from gpt2.serve.limits import Limits, check_prompt_size, max_prompt_chars
+from gpt2.serve.jobs import Job
+from gpt2.serve.limits import Limits, check_messages_size, check_prompt_size, max_prompt_chars
 from gpt2.serve.scheduler import Scheduler
 from gpt2.serve.schemas import (
+    ChatCompletion,
+    ChatCompletionRequest,
     Completion,
     CompletionRequest,
     ErrorResponse,
     Health,
     ModelCard,
     ModelList,
+    SamplingRequest,
 )
 from gpt2.tokenizer import Tokenizer
 
@@ -75,7 +82,7 @@ def create_app(
 
     app = FastAPI(
         title="gpt2",
-        summary="OpenAI-compatible completions from a GPT-2 model",
+        summary="OpenAI-compatible completions and chat completions from a GPT-2 model",
         version="1",
         lifespan=lifespan,
         docs_url=None,  # Swagger UI would load scripts from a CDN; the schema is at /openapi.json
@@ -108,20 +115,32 @@ def create_app(
             raise _unknown_model(model_id)
         return card()
 
-    @app.post("/v1/completions", response_model=Completion, responses=ERRORS)
-    async def completions(body: CompletionRequest, request: Request) -> Response:
+    async def answer(
+        body: SamplingRequest, planner: Callable, job_class: type[Job], request: Request
+    ) -> Response:
+        """Plan the request, queue it, and answer: streamed, or whole once it is done."""
         if body.model is not None and body.model != model_name:
             raise _unknown_model(body.model)
-        planned = await run_in_threadpool(plan, body, tokenizer, vocab_size, context, limits)
-        job = Completions(scheduler, tokenizer, model_name, planned)
+        planned = await run_in_threadpool(planner, body, tokenizer, vocab_size, context, limits)
+        job = job_class(scheduler, tokenizer, model_name, planned)
         job.submit()
         if planned.stream:
             return CompletionStream(job)
         return await _until_done_or_gone(job, request)
 
+    @app.post("/v1/completions", response_model=Completion, responses=ERRORS)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await answer(body, text_api.plan, text_api.TextCompletion, request)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await answer(body, chat_api.plan, chat_api.ChatCompletionJob, request)
+
     def check_body(path: str, body: bytes) -> None:
         if path == "/v1/completions":
             check_prompt_size(body, context, max_chars, limits.max_prompts)
+        elif path == "/v1/chat/completions":
+            check_messages_size(body, context, max_chars)
 
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, check=check_body)
     if api_key:
@@ -135,7 +154,7 @@ def _unknown_model(name: str) -> APIError:
     )
 
 
-async def _until_done_or_gone(job: Completions, request: Request) -> Response:
+async def _until_done_or_gone(job: Job, request: Request) -> Response:
     """The whole completion, unless the client disconnects first (then its sequences stop)."""
     done = asyncio.ensure_future(job.collect())
     gone = asyncio.ensure_future(_disconnected(request))
@@ -161,7 +180,7 @@ class CompletionStream(StreamingResponse):
     """Server-sent events of a request, whose sequences stop however the response ends: the
     stream's own ``finally`` does not run if the client left before the first chunk."""
 
-    def __init__(self, job: Completions) -> None:
+    def __init__(self, job: Job) -> None:
         super().__init__(job.stream(), media_type="text/event-stream", headers=SSE_HEADERS)
         self.job = job
 

@@ -6,8 +6,9 @@ of prompts are capped so that a single request cannot fill the queue on its own.
 
 The checks run cheapest first, so that what a refused request costs is bounded by the context, not
 by what it sent: the body's size (while it is read), then the prompt's length straight from the
-parsed JSON (`check_prompt_size`: list lengths and string lengths, no per-item work), then the
-schema, then the ids themselves, then the queue (sequences and tokens waiting).
+parsed JSON (`check_prompt_size`: list lengths and string lengths, no per-item work; for a chat
+request `check_messages_size`), then the schema, then the ids themselves, then the queue
+(sequences and tokens waiting).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 from dataclasses import dataclass
 
 from gpt2.serve.errors import APIError
+from gpt2.serve.schemas import message_texts
 
 MiB = 1 << 20
 
@@ -63,21 +65,27 @@ def check_counts(limits: Limits, n_prompts: int, n: int) -> None:
         )
 
 
-def check_lengths(limits: Limits, context: int, prompt_tokens: int, max_tokens: int) -> None:
-    """Refuse an empty prompt, ``max_tokens`` over the limit, or a request past the context."""
+def check_lengths(
+    limits: Limits,
+    context: int,
+    prompt_tokens: int,
+    max_tokens: int,
+    prompt_name: str = "prompt",
+    max_name: str = "max_tokens",
+) -> None:
+    """Refuse an empty prompt, ``max_tokens`` over the limit, or a request past the context
+    (errors name the request's fields: ``prompt_name``, ``max_name``)."""
     if prompt_tokens == 0:
-        raise APIError(400, "prompt must not be empty", param="prompt")
+        raise APIError(400, f"{prompt_name} must not be empty", param=prompt_name)
     cap = limits.max_new_tokens(context)
     if max_tokens > cap:
-        raise APIError(
-            400, f"max_tokens must be at most {cap}, got {max_tokens}", param="max_tokens"
-        )
+        raise APIError(400, f"{max_name} must be at most {cap}, got {max_tokens}", param=max_name)
     if prompt_tokens + max_tokens > context:
         raise APIError(
             400,
             f"this model's context is {context} tokens, but {prompt_tokens + max_tokens} were "
-            f"asked for ({prompt_tokens} in the prompt, {max_tokens} for the completion)",
-            param="prompt",
+            f"asked for ({prompt_tokens} in the {prompt_name}, {max_tokens} for the completion)",
+            param=prompt_name,
             code="context_length_exceeded",
         )
 
@@ -89,18 +97,24 @@ def max_prompt_chars(context: int, longest_token_bytes: int) -> int:
     return context * max(1, longest_token_bytes)
 
 
+def _parsed(body: bytes) -> object:
+    """The body's JSON for the size checks; None when it is not JSON (the route's own parser
+    then says so, in its words)."""
+    try:
+        return json.loads(body) if body.strip() else None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
+    except ValueError:
+        return None
+
+
 def check_prompt_size(body: bytes, context: int, max_chars: int, max_prompts: int) -> None:
     """Refuse a prompt too long for the context from the request body alone, before the schema
     or the tokenizer look at it: after one ``json.loads`` (C, bounded by the body limit) only
     lengths are read, so the cost does not grow with the number of ids.
 
     Anything that is not a JSON object with a list or string ``prompt`` is left to the schema."""
-    try:
-        parsed = json.loads(body) if body.strip() else None
-    except RecursionError:
-        raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
-    except ValueError:
-        return  # not JSON: the route's own parser says so, in its words
+    parsed = _parsed(body)
     prompt = parsed.get("prompt") if isinstance(parsed, dict) else None
     if isinstance(prompt, str):
         prompts: list = [prompt]
@@ -117,15 +131,39 @@ def check_prompt_size(body: bytes, context: int, max_chars: int, max_prompts: in
         return
     for p in prompts:
         if isinstance(p, str) and len(p) > max_chars:
-            raise _too_long(context, f"{len(p)} characters (more than {max_chars} cannot fit)")
+            raise _too_long(
+                context, f"the prompt has {len(p)} characters (more than {max_chars} cannot fit)"
+            )
         if isinstance(p, list) and len(p) > context:
-            raise _too_long(context, f"{len(p)} token ids")
+            raise _too_long(context, f"the prompt has {len(p)} token ids")
 
 
-def _too_long(context: int, what: str) -> APIError:
+def check_messages_size(body: bytes, context: int, max_chars: int) -> None:
+    """The same guard for a chat request: its messages' text cannot pass ``max_chars``
+    characters, nor can there be more messages than the context has tokens (a chat template
+    puts every message's text in the prompt, after a role marker of one token or more).
+    Counting stops at the limit, so a long list costs no more than one that fits."""
+    parsed = _parsed(body)
+    messages = parsed.get("messages") if isinstance(parsed, dict) else None
+    if not isinstance(messages, list):
+        return
+    if len(messages) > context:
+        raise _too_long(context, f"there are {len(messages)} messages", "messages")
+    total = 0
+    for text in message_texts(messages):
+        total += len(text)
+        if total > max_chars:
+            raise _too_long(
+                context,
+                f"the messages hold over {max_chars} characters (more cannot fit)",
+                "messages",
+            )
+
+
+def _too_long(context: int, what: str, param: str = "prompt") -> APIError:
     return APIError(
         400,
-        f"this model's context is {context} tokens, but the prompt has {what}",
-        param="prompt",
+        f"this model's context is {context} tokens, but {what}",
+        param=param,
         code="context_length_exceeded",
     )
