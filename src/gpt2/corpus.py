@@ -10,6 +10,10 @@ A corpus is a list of *sources*, read in order:
 
 A folder given as input stands for the files with those suffixes under it, sorted by path.
 
+For ``gpt2 prepare --chat`` (``chat=True``) a document is a *conversation*: the list of
+OpenAI-style messages in a JSONL line's ``messages`` field (or a Parquet/dataset column of that
+name), checked by `gpt2.chat.check_messages`. Text files hold no conversations and are refused.
+
 `read_corpus` yields `Piece`s; each carries the `Position` just after it, from which
 `read_corpus` can start again: that is how an interrupted ``gpt2 prepare`` resumes without
 reading the corpus again from the start.
@@ -26,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from gpt2.chat import Message, check_messages
 from gpt2.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -36,6 +41,7 @@ TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 OnBadLine = Literal["stop", "skip"]
+Document = str | list[Message]  # a text, or a conversation (chat=True)
 
 # Where a text may be cut (at a match's end) so that GPT-2's pre-tokenizer gives the same words on
 # both sides as on the whole: after a newline that has a printable ASCII character on each side,
@@ -79,9 +85,10 @@ class Position:
 
 @dataclass(frozen=True)
 class Piece:
-    """Some text of one document: the whole of it, or a part of a large text file."""
+    """Some text of one document: the whole of it, or a part of a large text file; or, for
+    chat, a whole conversation."""
 
-    text: str
+    text: Document
     doc: int  # the document's number (it decides train or val)
     ends_doc: bool  # the end-of-text token follows this piece
     after: Position  # where reading resumes after this piece
@@ -118,15 +125,20 @@ def file_kind(path: Path) -> Literal["text", "jsonl", "parquet"]:
     return "text"
 
 
-def find_sources(inputs: Sequence[str | Path]) -> list[Source]:
-    """The files behind ``inputs`` (files, or folders searched for the known suffixes)."""
+def find_sources(inputs: Sequence[str | Path], chat: bool = False) -> list[Source]:
+    """The files behind ``inputs`` (files, or folders searched for the known suffixes; for
+    ``chat``, JSONL and Parquet only)."""
     sources: list[Source] = []
     for given in inputs:
         path = Path(given)
         if not path.exists():
             raise UserError(f"input file not found: {path}")
+        if chat and path.is_file() and file_kind(path) == "text":
+            raise UserError(
+                f"{path}: conversations are read from .jsonl or .parquet files, not text"
+            )
         if path.is_dir():
-            suffixes = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
+            suffixes = (() if chat else TEXT_SUFFIXES) + JSONL_SUFFIXES + PARQUET_SUFFIXES
             found = sorted(
                 p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(suffixes)
             )
@@ -236,9 +248,15 @@ def read_text_file(path: str, offset: int, line: int, stats: ReadStats) -> Itera
 
 
 def read_jsonl(
-    path: str, offset: int, line: int, stats: ReadStats, field: str, on_bad_line: OnBadLine
+    path: str,
+    offset: int,
+    line: int,
+    stats: ReadStats,
+    field: str,
+    on_bad_line: OnBadLine,
+    chat: bool = False,
 ) -> Iterator[Raw]:
-    """One document per line: the string in its ``field``."""
+    """One document per line: the string in its ``field`` (for ``chat``, the conversation)."""
     opener = gzip.open if path.lower().endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
@@ -248,32 +266,54 @@ def read_jsonl(
                 line += 1
                 if not raw.strip():
                     continue
-                text = _json_text(raw, field, stats)
-                if isinstance(text, str):
-                    yield text, True, offset, line
+                doc = _json_document(raw, field, stats, chat)
+                if not isinstance(doc, tuple):
+                    yield doc, True, offset, line
                     continue
-                message = f"{path}:{line}: {text[1]}"
-                if on_bad_line == "stop":
-                    raise UserError(f"{message} (pass --on-bad-line skip to skip such lines)")
-                stats.skipped_lines += 1
-                if stats.skipped_lines <= 10:
-                    log.warning("skipped %s", message)
+                bad_record(f"{path}:{line}: {doc[1]}", on_bad_line, stats)
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         if isinstance(e, FileNotFoundError):
             raise
         raise UserError(f"{path}: cannot read ({e})") from None
 
 
-def _json_text(raw: bytes, field: str, stats: ReadStats) -> str | tuple[None, str]:
+def bad_record(message: str, on_bad_line: OnBadLine, stats: ReadStats) -> None:
+    """A line or row that holds no document: stop with ``message`` or count it as skipped."""
+    if on_bad_line == "stop":
+        raise UserError(f"{message} (pass --on-bad-line skip to skip such lines)")
+    stats.skipped_lines += 1
+    if stats.skipped_lines <= 10:
+        log.warning("skipped %s", message)
+
+
+def _json_document(
+    raw: bytes, field: str, stats: ReadStats, chat: bool
+) -> Document | tuple[None, str]:
     """The document in one JSONL line, or (None, why not)."""
     try:
         record = json.loads(decode_utf8(raw, stats))
     except json.JSONDecodeError as e:
         return None, f"not valid JSON ({e.msg} at column {e.colno})"
+    if chat:
+        if not isinstance(record, dict) or field not in record:
+            return None, f"no field {field!r} holding the conversation's messages"
+        return conversation_of(record[field], field, stats)
     if not isinstance(record, dict) or not isinstance(record.get(field), str):
         return None, f"no string field {field!r}"
     maybe_surrogates = b"\\ud" in raw or b"\\uD" in raw  # only a \uDxxx escape spells one
     return without_surrogates(record[field], stats) if maybe_surrogates else record[field]
+
+
+def conversation_of(value: Any, field: str, stats: ReadStats) -> list[Message] | tuple[None, str]:
+    """``value`` checked as a conversation (`gpt2.chat.check_messages`), or (None, why not).
+    Lone surrogates that JSON can spell in a content become U+FFFD, as in text documents."""
+    try:
+        messages = check_messages(value, field)
+    except UserError as e:
+        return None, str(e)
+    for m in messages:
+        m["content"] = without_surrogates(m["content"], stats)
+    return messages
 
 
 def read_parquet(path: str, offset: int, line: int, stats: ReadStats, field: str) -> Iterator[Raw]:
@@ -300,16 +340,16 @@ def read_parquet(path: str, offset: int, line: int, stats: ReadStats, field: str
         first_group += 1
     groups = range(first_group, parquet.num_row_groups)
     for batch in parquet.iter_batches(batch_size=1024, row_groups=groups, columns=[field]):
-        for text in batch.column(0).to_pylist():
+        for value in batch.column(0).to_pylist():
             row += 1
             if row <= offset:
                 continue
-            yield (text if isinstance(text, str) else ""), True, row, row
+            yield value, True, row, row
 
 
 def read_hf_dataset(source: Source, offset: int, field: str) -> Iterator[Raw]:
     """A Hugging Face dataset, one document per row, streamed (or read from a folder written by
-    ``save_to_disk``)."""
+    ``save_to_disk``): the row's ``field`` as it is (`read_source` checks it)."""
     try:
         import datasets
     except ImportError:
@@ -336,8 +376,7 @@ def read_hf_dataset(source: Source, offset: int, field: str) -> Iterator[Raw]:
         rows = rows.skip(offset) if offset else rows
         for row in rows.select_columns([field]):
             offset += 1
-            text = row[field]
-            yield (text if isinstance(text, str) else ""), True, offset, offset
+            yield row[field], True, offset, offset
     except UserError:
         raise
     except (KeyError, ValueError, OSError) as e:  # a bad name or split, the network, the Hub
@@ -345,16 +384,51 @@ def read_hf_dataset(source: Source, offset: int, field: str) -> Iterator[Raw]:
 
 
 def read_source(
-    source: Source, offset: int, line: int, stats: ReadStats, field: str, on_bad_line: OnBadLine
+    source: Source,
+    offset: int,
+    line: int,
+    stats: ReadStats,
+    field: str,
+    on_bad_line: OnBadLine,
+    chat: bool = False,
 ) -> Iterator[Raw]:
-    """The reader for ``source``'s kind, started at ``offset``."""
+    """The reader for ``source``'s kind, started at ``offset``. A Parquet or dataset row whose
+    value is not a string is an empty text; for ``chat``, it must be a conversation."""
     if source.kind == "text":
+        if chat:
+            raise UserError(f"{source.location}: a text file holds no conversations")
         return read_text_file(source.location, offset, line, stats)
     if source.kind == "jsonl":
-        return read_jsonl(source.location, offset, line, stats, field, on_bad_line)
+        return read_jsonl(source.location, offset, line, stats, field, on_bad_line, chat)
     if source.kind == "parquet":
-        return read_parquet(source.location, offset, line, stats, field)
-    return read_hf_dataset(source, offset, field)
+        rows = read_parquet(source.location, offset, line, stats, field)
+    else:
+        rows = read_hf_dataset(source, offset, field)
+    if not chat:
+        return ((v if isinstance(v, str) else "", e, o, n) for v, e, o, n in rows)
+    return _conversation_rows(rows, source, stats, field, on_bad_line)
+
+
+def _conversation_rows(
+    rows: Iterator[Raw], source: Source, stats: ReadStats, field: str, on_bad_line: OnBadLine
+) -> Iterator[Raw]:
+    """Parquet or dataset rows checked as conversations; a bad one stops or is skipped."""
+    for value, ends_doc, offset, line in rows:
+        doc = conversation_of(value, field, stats)
+        if not isinstance(doc, tuple):
+            yield doc, ends_doc, offset, line
+            continue
+        bad_record(f"{describe_row(source, line)}: {doc[1]}", on_bad_line, stats)
+
+
+def describe_row(source: Source, line: int) -> str:
+    """Where line (or row) ``line`` of ``source`` is, for a message: ``file:line``, ``file row
+    N`` or ``dataset NAME row N`` (rows counted from 1)."""
+    if source.kind in ("text", "jsonl"):
+        return f"{source.location}:{line}"
+    if source.kind == "parquet":
+        return f"{source.location} row {line}"
+    return f"dataset {source.location} row {line}"
 
 
 def read_corpus(
@@ -363,8 +437,10 @@ def read_corpus(
     stats: ReadStats | None = None,
     field: str = "text",
     on_bad_line: OnBadLine = "stop",
+    chat: bool = False,
 ) -> Iterator[Piece]:
-    """Every piece of every document from ``start`` on, numbering the documents.
+    """Every piece of every document from ``start`` on, numbering the documents (for ``chat``,
+    every conversation).
 
     Empty documents are skipped (counted in ``stats``): they would add nothing but an end-of-text.
     """
@@ -374,7 +450,7 @@ def read_corpus(
         offset, line = (start.offset, start.line) if i == start.source else (0, 0)
         in_doc = offset > 0 and sources[i].kind == "text"  # resuming inside a text file
         for text, ends_doc, next_offset, next_line in read_source(
-            sources[i], offset, line, stats, field, on_bad_line
+            sources[i], offset, line, stats, field, on_bad_line, chat
         ):
             if not text and not in_doc:
                 if ends_doc:

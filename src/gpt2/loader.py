@@ -15,6 +15,12 @@ that sequence is computed directly (a Feistel network; no permutation is ever st
   ``world_size * accum_steps * batch_size`` windows, and micro-step ``a`` of rank ``r`` takes
   slice ``a * world_size + r`` of them. Two ranks with one micro-step each therefore read the
   same windows as one process with two micro-steps, which makes the two runs comparable.
+
+Conversations (``gpt2 prepare --chat``) come with a mask per array, 1 where a token is to be
+learned (an assistant's reply). Windows are cut from the packed stream of conversations just as
+from text, so a window may begin inside one conversation and end inside another; a target whose
+mask is 0 becomes -1, which the loss skips (`gpt2.model.GPT.forward`). Nothing else changes:
+the same windows, the same order, the same one-number state.
 """
 
 from __future__ import annotations
@@ -83,9 +89,17 @@ class WindowSequence:
     """The endless, epoch-by-epoch shuffled sequence of windows over a list of token arrays."""
 
     def __init__(
-        self, arrays: Sequence[np.ndarray], block_size: int, seed: int, name: str = "the data"
+        self,
+        arrays: Sequence[np.ndarray],
+        block_size: int,
+        seed: int,
+        name: str = "the data",
+        masks: Sequence[np.ndarray] | None = None,
     ) -> None:
         self.arrays = list(arrays)
+        self.masks = list(masks) if masks is not None else None
+        if self.masks is not None and [len(m) for m in self.masks] != [len(a) for a in arrays]:
+            raise ValueError("one mask per array, as long as it")
         self.block_size = block_size
         self.seed = seed
         # Array i holds len - block_size windows (each needs block_size + 1 tokens).
@@ -126,19 +140,34 @@ class WindowSequence:
 
     def gather(self, ids: np.ndarray) -> torch.Tensor:
         """The windows with these ids, as an int64 tensor (len(ids), block_size + 1)."""
+        return torch.from_numpy(self._gather(self.arrays, ids, np.int64))
+
+    def gather_mask(self, ids: np.ndarray) -> torch.Tensor:
+        """The masks of the windows with these ids, as a bool tensor (len(ids), block_size + 1);
+        all True for data without masks."""
+        if self.masks is None:
+            return torch.ones((len(ids), self.block_size + 1), dtype=torch.bool)
+        return torch.from_numpy(self._gather(self.masks, ids, np.bool_))
+
+    def _gather(self, arrays: list[np.ndarray], ids: np.ndarray, dtype: Any) -> np.ndarray:
         which = np.searchsorted(self.first_id, ids, side="right") - 1
         starts = ids - self.first_id[which]
-        out = np.empty((len(ids), self.block_size + 1), dtype=np.int64)
+        out = np.empty((len(ids), self.block_size + 1), dtype=dtype)
         span = np.arange(self.block_size + 1, dtype=np.int64)
         for a in np.unique(which):  # one fancy-indexing read per array involved
             rows = which == a
-            out[rows] = self.arrays[a][starts[rows, None] + span]
-        return torch.from_numpy(out)
+            out[rows] = arrays[a][starts[rows, None] + span]
+        return out
 
     def batch(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and next-token targets, each (count, block_size), of elements ``first ..``."""
-        windows = self.gather(self.window_ids(first, count))  # (count, block_size + 1)
-        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+        """Inputs and next-token targets, each (count, block_size), of elements ``first ..``;
+        a target the mask leaves out is -1."""
+        ids = self.window_ids(first, count)
+        windows = self.gather(ids)  # (count, block_size + 1)
+        x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+        if self.masks is not None:  # not in place: a one-row slice shares x's memory
+            y = y.masked_fill(~self.gather_mask(ids)[:, 1:], -1)
+        return x, y
 
 
 @dataclass(frozen=True)

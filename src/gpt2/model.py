@@ -194,6 +194,9 @@ class GPT(nn.Module):
             loss = F.cross_entropy(
                 logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
             )
+            # A batch with no scored target (a window of a chat's prompts only) is 0/0 for
+            # the mean: it counts 0 with no gradient, as in `linear_cross_entropy`, not NaN.
+            loss = torch.where((targets != -1).any(), loss, loss.new_zeros(()))
         return logits, loss
 
     def crop_block_size(self, block_size: int) -> None:

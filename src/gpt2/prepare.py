@@ -10,6 +10,10 @@ Two ways in, one way out:
   documents are read a batch at a time (`gpt2.corpus`), encoded by worker processes, and
   appended to the current shard of their split, so memory stays flat whatever the corpus size.
   Each document goes wholly to train or to val, chosen by its number.
+- `prepare_shards` with ``chat=True``: conversations (docs/chat.md). Each is rendered by the
+  tokenizer's chat template and encoded by `gpt2.chat.conversation_ids`, back to back with no
+  separator of our own (the template's end-of-text closes each reply); a mask beside each shard
+  says which tokens training learns (`gpt2.shards`). Resumed as any corpus is.
 
 Resume (corpora). The shard being written is ``<name>.partial``; when full it is copied, header
 filled in, to its final name (`gpt2.shards.ShardWriter`). ``progress.json`` records, every few
@@ -42,18 +46,29 @@ from tqdm.auto import tqdm
 
 from gpt2.assets import sha256_file
 from gpt2.corpus import (
+    Document,
     OnBadLine,
     Position,
     ReadInterrupted,
     ReadStats,
     Source,
+    describe_row,
     read_corpus,
     read_text,
     text_chunks,
 )
 from gpt2.errors import UserError
 from gpt2.files import make_folder, read_json, replaced_folder, write_json
-from gpt2.shards import FORMAT, META_FILE, SPLITS, ShardWriter, shard_name, token_dtype, write_shard
+from gpt2.shards import (
+    FORMAT,
+    META_FILE,
+    SPLITS,
+    ShardWriter,
+    mask_name,
+    shard_name,
+    token_dtype,
+    write_shard,
+)
 from gpt2.tokenizer import (
     TOKENIZER_FILE,
     Tokenizer,
@@ -197,6 +212,22 @@ def fast_encode(tok: Tokenizer) -> Callable[[str], list[int]]:
 
 # --- a corpus: encoding, in worker processes ------------------------------------------------------
 
+# A piece as sent to a worker: (text or conversation, is_val, ends_doc, where it was read).
+BatchPiece = tuple[Document, bool, bool, str]
+
+
+@dataclass
+class Encoded:
+    """A batch's tokens for each split, their masks (conversations only), and its text's size."""
+
+    ids: dict[str, np.ndarray]
+    masks: dict[str, np.ndarray] | None
+    n_bytes: int
+
+
+def _joined(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
 
 class BatchEncoder:
     """Turns a batch of pieces into the token arrays of each split, an end-of-text token after
@@ -209,33 +240,63 @@ class BatchEncoder:
         self.encode = ordinary_encoder(tokenizer, fast)
         self.eot = np.array([tokenizer.eot_token], dtype=np.uint32)
 
-    def __call__(self, batch: list[tuple[str, bool, bool]]) -> tuple[np.ndarray, np.ndarray, int]:
-        """``batch`` holds (text, is_val, ends_doc); returns train ids, val ids, text bytes."""
-        parts: dict[bool, list[np.ndarray]] = {False: [], True: []}
+    def __call__(self, batch: list[BatchPiece]) -> Encoded:
+        parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
         n_bytes = 0
-        for text, is_val, ends_doc in batch:
+        for text, is_val, ends_doc, _ in batch:
+            assert isinstance(text, str)
             if text:
-                parts[is_val].append(self.encode(text))
+                parts[SPLITS[is_val]].append(self.encode(text))
                 n_bytes += len(text.encode("utf-8"))
             if ends_doc:
-                parts[is_val].append(self.eot)
-        empty = np.zeros(0, dtype=np.uint32)
-        return (
-            np.concatenate(parts[False] or [empty]),
-            np.concatenate(parts[True] or [empty]),
+                parts[SPLITS[is_val]].append(self.eot)
+        return Encoded({s: _joined(p, np.uint32) for s, p in parts.items()}, None, n_bytes)
+
+
+class ChatEncoder:
+    """Turns a batch of conversations into each split's ids and mask (`gpt2.chat`), rendered
+    by the tokenizer's chat template. A conversation the template refuses is an error naming
+    where it was read: a template that cannot render the data is not a bad line to skip."""
+
+    def __init__(self, tokenizer_dict: dict[str, Any], fast: bool) -> None:
+        self.tokenizer = tokenizer_from_dict(tokenizer_dict)
+
+    def __call__(self, batch: list[BatchPiece]) -> Encoded:
+        from gpt2.chat import conversation_ids
+
+        ids: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+        masks: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+        n_bytes = 0
+        for messages, is_val, _, where in batch:
+            assert isinstance(messages, list)
+            try:
+                piece, mask = conversation_ids(self.tokenizer, messages)
+            except UserError as e:
+                raise UserError(f"{where}: {e}") from None
+            ids[SPLITS[is_val]].append(np.array(piece, dtype=np.uint32))
+            masks[SPLITS[is_val]].append(np.array(mask, dtype=np.bool_))
+            n_bytes += sum(len(m["content"].encode("utf-8")) for m in messages)
+        return Encoded(
+            {s: _joined(p, np.uint32) for s, p in ids.items()},
+            {s: _joined(p, np.bool_) for s, p in masks.items()},
             n_bytes,
         )
 
 
-_worker_encoder: BatchEncoder | None = None  # set once in each worker process by `_start_worker`
+def tokenizer_with_template(tokenizer: Tokenizer) -> dict[str, Any]:
+    """``tokenizer.to_dict()`` with its chat template: what a worker rebuilds it from."""
+    return {**tokenizer.to_dict(), "chat_template": tokenizer.chat_template}
 
 
-def _start_worker(tokenizer_dict: dict[str, Any], fast: bool) -> None:
+_worker_encoder: BatchEncoder | ChatEncoder | None = None  # set in each worker by `_start_worker`
+
+
+def _start_worker(tokenizer_dict: dict[str, Any], fast: bool, chat: bool) -> None:
     global _worker_encoder
-    _worker_encoder = BatchEncoder(tokenizer_dict, fast)
+    _worker_encoder = (ChatEncoder if chat else BatchEncoder)(tokenizer_dict, fast)
 
 
-def _encode_in_worker(batch: list[tuple[str, bool, bool]]) -> tuple[np.ndarray, np.ndarray, int]:
+def _encode_in_worker(batch: list[BatchPiece]) -> Encoded:
     assert _worker_encoder is not None
     return _worker_encoder(batch)
 
@@ -244,7 +305,7 @@ def _encode_in_worker(batch: list[tuple[str, bool, bool]]) -> tuple[np.ndarray, 
 class Batch:
     """Pieces sent to a worker together, and what to record once they are written."""
 
-    pieces: list[tuple[str, bool, bool]]  # (text, is_val, ends_doc)
+    pieces: list[BatchPiece]
     documents: dict[str, int]  # documents ended in this batch, per split
     after: Position  # where reading resumes after this batch
     stats: dict[str, int]  # the reading statistics up to this batch
@@ -256,17 +317,27 @@ def is_val_document(doc: int, val_fraction: float) -> bool:
     return math.ceil(doc * val_fraction) < math.ceil((doc + 1) * val_fraction)
 
 
-def make_batches(pieces: Iterator[Any], stats: ReadStats, val_fraction: float) -> Iterator[Batch]:
+def document_chars(doc: Document) -> int:
+    """A text's length, or the length of a conversation's contents."""
+    return len(doc) if isinstance(doc, str) else sum(len(m["content"]) for m in doc)
+
+
+def make_batches(
+    pieces: Iterator[Any],
+    stats: ReadStats,
+    val_fraction: float,
+    where: Callable[[Position], str] = lambda _: "",
+) -> Iterator[Batch]:
     """Pieces grouped into batches of about `BATCH_CHARS` characters, each piece marked train
-    or val by its document's number."""
-    batch: list[tuple[str, bool, bool]] = []
+    or val by its document's number, and with ``where(piece.after)`` for messages."""
+    batch: list[BatchPiece] = []
     documents = dict.fromkeys(SPLITS, 0)
     size = 0
     for piece in pieces:
         is_val = is_val_document(piece.doc, val_fraction)
-        batch.append((piece.text, is_val, piece.ends_doc))
+        batch.append((piece.text, is_val, piece.ends_doc, where(piece.after)))
         documents[SPLITS[is_val]] += piece.ends_doc
-        size += len(piece.text)
+        size += document_chars(piece.text)
         if size >= BATCH_CHARS:
             yield Batch(batch, documents, piece.after, stats.to_dict())
             batch, documents, size = [], dict.fromkeys(SPLITS, 0), 0
@@ -275,20 +346,19 @@ def make_batches(pieces: Iterator[Any], stats: ReadStats, val_fraction: float) -
 
 
 def encode_in_order(
-    batches: Iterator[Batch], tokenizer: Tokenizer, workers: int, fast: bool
-) -> Iterator[tuple[Batch, tuple[np.ndarray, np.ndarray, int]]]:
+    batches: Iterator[Batch], tokenizer: Tokenizer, workers: int, fast: bool, chat: bool = False
+) -> Iterator[tuple[Batch, Encoded]]:
     """Each batch with its encoding, in input order; a bounded number of batches in flight."""
+    described = tokenizer_with_template(tokenizer)
     if workers <= 1:
-        encoder = BatchEncoder(tokenizer.to_dict(), fast)
+        encoder = (ChatEncoder if chat else BatchEncoder)(described, fast)
         for batch in batches:
             yield batch, encoder(batch.pieces)
         return
     # fork starts workers at once (no re-import); they touch no state but the tokenizer's.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     context = multiprocessing.get_context(method)
-    with context.Pool(
-        workers, initializer=_start_worker, initargs=(tokenizer.to_dict(), fast)
-    ) as pool:
+    with context.Pool(workers, initializer=_start_worker, initargs=(described, fast, chat)) as pool:
         in_flight: deque = deque()
         for batch in batches:
             in_flight.append((batch, pool.apply_async(_encode_in_worker, (batch.pieces,))))
@@ -328,9 +398,11 @@ def run_settings(
     val_fraction: float,
     text_field: str,
     on_bad_line: str,
+    chat: bool = False,
 ) -> dict[str, Any]:
-    """Everything the output depends on; a resumed run must match it exactly."""
-    return {
+    """Everything the output depends on; a resumed run must match it exactly. For chat, the
+    template too (`tokenizer_id` leaves it out: it changes no id of a text)."""
+    settings = {
         "format": FORMAT,
         "tokenizer": tokenizer_id(tokenizer),
         "shard_tokens": shard_tokens,
@@ -339,6 +411,10 @@ def run_settings(
         "on_bad_line": on_bad_line,
         "sources": [s.describe() for s in sources],
     }
+    if chat:  # (absent for text, so that folders prepared before chat existed still match)
+        settings["chat"] = True
+        settings["chat_template"] = tokenizer.chat_template  # None: gpt2.chat.DEFAULT_TEMPLATE
+    return settings
 
 
 def check_same_settings(out: Path, found: dict[str, Any], wanted: dict[str, Any]) -> None:
@@ -347,9 +423,15 @@ def check_same_settings(out: Path, found: dict[str, Any], wanted: dict[str, Any]
         if found.get(key) != value:
             what = "tokenizer" if key == "tokenizer" else f"setting {key!r}"
             raise UserError(
-                f"{out} holds shards prepared with a different {what} ({found.get(key)!r}, now {value!r}); "
+                f"{out} holds shards prepared with a different {what} ({_short(found.get(key))}, now {_short(value)}); "
                 "use another --out folder, or delete this one to start again"
             )
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters: a chat template can be pages long."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def start_or_resume(out: Path, settings: dict[str, Any]) -> Progress | dict[str, Any]:
@@ -376,7 +458,7 @@ def start_or_resume(out: Path, settings: dict[str, Any]) -> Progress | dict[str,
 
 def remove_run_files(out: Path) -> None:
     """Remove what a failed run wrote, leaving the folder as it was before (empty)."""
-    for pattern in ("*.bin", "*.partial", "*.tmp", PROGRESS_FILE, TOKENIZER_FILE):
+    for pattern in ("*.bin", "*.mask", "*.partial", "*.tmp", PROGRESS_FILE, TOKENIZER_FILE):
         for path in out.glob(pattern):
             path.unlink(missing_ok=True)
     with contextlib.suppress(OSError):
@@ -395,8 +477,12 @@ def prepare_shards(
     on_bad_line: OnBadLine = "stop",
     fast: bool = True,
     show_progress: bool = True,
+    chat: bool = False,
 ) -> dict[str, Any]:
     """Tokenize ``sources`` into shards in ``out_dir``; return the metadata (``meta.json``).
+
+    ``chat``: the documents are conversations in field ``text_field`` (e.g. ``messages``),
+    encoded with ``tokenizer``'s chat template, with a mask beside each shard.
 
     A folder holding an interrupted run of the same corpus, tokenizer and settings is resumed;
     one holding the finished run is left as it is.
@@ -409,15 +495,22 @@ def prepare_shards(
         raise UserError(
             f"the {tokenizer.kind} tokenizer has no end-of-text token to end documents with; use gpt2 or a BPE folder"
         )
+    if chat:
+        check_template(tokenizer)
     out = Path(out_dir)
-    settings = run_settings(sources, tokenizer, shard_tokens, val_fraction, text_field, on_bad_line)
+    settings = run_settings(
+        sources, tokenizer, shard_tokens, val_fraction, text_field, on_bad_line, chat
+    )
     progress = start_or_resume(out, settings)
     if not isinstance(progress, Progress):
         log.info("%s already holds this corpus, prepared", out)
         return progress
     tokenizer.save(make_folder(out))
     dtype = token_dtype(tokenizer.vocab_size)
-    writers = {s: ShardWriter(out, s, shard_tokens, dtype, **progress.splits[s]) for s in SPLITS}
+    writers = {
+        s: ShardWriter(out, s, shard_tokens, dtype, masked=chat, **progress.splits[s])
+        for s in SPLITS
+    }
     try:
         checkpoint(out, progress, writers)  # from now on, a rerun resumes
         _run(
@@ -431,10 +524,11 @@ def prepare_shards(
             on_bad_line,
             fast,
             show_progress,
+            chat,
         )
     except UserError as e:
         for w in writers.values():
-            w.file.close()
+            w.close_files()
         if isinstance(e, ReadInterrupted) and progress.position != Position():
             raise ReadInterrupted(f"{e}; run the same command again to resume") from None
         remove_run_files(out)  # the input itself is at fault: what was written is of no use
@@ -443,12 +537,19 @@ def prepare_shards(
     names = {s: w.close() for s, w in writers.items()}
     if not counts["train"] or not counts["val"]:
         remove_run_files(out)
+        what = "conversations" if chat else "documents"
         raise UserError(
-            f"the corpus gave {writers['train'].documents} train and {writers['val'].documents} val documents: "
-            "both splits need at least one (more documents, or another --val-fraction)"
+            f"the corpus gave {writers['train'].documents} train and {writers['val'].documents} val {what}: "
+            "both splits need at least one (more of them, or another --val-fraction)"
         )
+    extra = (
+        {"masks": {s: [mask_name(n) for n in names[s]] for s in SPLITS},
+         "trained_tokens": {s: w.trained for s, w in writers.items()}}
+        if chat else {}
+    )  # fmt: skip
     meta = folder_meta(tokenizer, dtype, counts, names, settings, shard_tokens=shard_tokens,
-                       documents={s: w.documents for s, w in writers.items()}, stats=progress.stats)  # fmt: skip
+                       documents={s: w.documents for s, w in writers.items()}, stats=progress.stats,
+                       **extra)  # fmt: skip
     write_json(out / META_FILE, meta)  # last: its presence means the folder is complete
     (out / PROGRESS_FILE).unlink(missing_ok=True)
     return meta
@@ -465,24 +566,25 @@ def _run(
     on_bad_line: OnBadLine,
     fast: bool,
     show_progress: bool,
+    chat: bool = False,
 ) -> None:
     """Read, encode and write until the corpus ends, checkpointing as it goes."""
     stats = ReadStats(**progress.stats)
-    pieces = read_corpus(sources, progress.position, stats, text_field, on_bad_line)
-    batches = make_batches(pieces, stats, progress.settings["val_fraction"])
+    pieces = read_corpus(sources, progress.position, stats, text_field, on_bad_line, chat)
+    where = (lambda at: describe_row(sources[at.source], at.line)) if chat else (lambda _: "")
+    batches = make_batches(pieces, stats, progress.settings["val_fraction"], where)
     last_checkpoint = time.monotonic()
     n_tokens = 0
     started = time.monotonic()
     with tqdm(unit="B", unit_scale=True, desc="preparing", disable=not show_progress) as bar:
-        for batch, (train_ids, val_ids, n_bytes) in encode_in_order(
-            batches, tokenizer, workers, fast
-        ):
+        for batch, encoded in encode_in_order(batches, tokenizer, workers, fast, chat):
             shards_before = sum(w.shard for w in writers.values())
-            writers["train"].append(train_ids, batch.documents["train"])
-            writers["val"].append(val_ids, batch.documents["val"])
+            for split, w in writers.items():
+                mask = encoded.masks[split] if encoded.masks is not None else None
+                w.append(encoded.ids[split], batch.documents[split], mask)
             progress.position, progress.stats = batch.after, batch.stats
-            n_tokens += len(train_ids) + len(val_ids)
-            bar.update(n_bytes)
+            n_tokens += sum(len(ids) for ids in encoded.ids.values())
+            bar.update(encoded.n_bytes)
             bar.set_postfix_str(
                 f"{n_tokens / max(1e-9, time.monotonic() - started):,.0f} tokens/s", refresh=False
             )
@@ -490,6 +592,18 @@ def _run(
             if finished_shard or time.monotonic() - last_checkpoint > CHECKPOINT_SECONDS:
                 checkpoint(out, progress, writers)
                 last_checkpoint = time.monotonic()
+
+
+def check_template(tokenizer: Tokenizer) -> None:
+    """Render a small conversation with the tokenizer's chat template before reading the
+    corpus, so that a template that fails says so at once, not after a long read."""
+    from gpt2.chat import conversation_ids
+
+    sample = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
+    try:
+        conversation_ids(tokenizer, sample)
+    except UserError as e:
+        raise UserError(f"the chat template cannot be used for training: {e}") from None
 
 
 def checkpoint(out: Path, progress: Progress, writers: dict[str, ShardWriter]) -> None:

@@ -14,6 +14,13 @@ so the update is the mean gradient over ``total_batch_tokens`` tokens whatever t
 processes and micro-batches. A run can stop at any step and resume exactly: a checkpoint holds
 the weights, the optimizer, the step, every random generator, the gradient scaler and the data
 loader's position (`gpt2.checkpoint`, `gpt2.loader`).
+
+On conversations (a data folder with masks, from ``gpt2 prepare --chat``) only the assistant's
+tokens are scored, and how many there are varies from micro-batch to micro-batch. Each
+micro-batch's loss then weighs its share of the step's scored tokens (counted over all
+processes), so the update is the mean gradient over the step's scored tokens rather than a mean
+of per-micro-batch means, and the loss estimates are means over scored tokens too. The metrics
+count those tokens (``trained_tokens``) beside the total.
 """
 
 from __future__ import annotations
@@ -61,7 +68,7 @@ from gpt2.metrics import (
     precision_name,
 )
 from gpt2.model import GPT
-from gpt2.shards import SPLITS, load_split, read_meta
+from gpt2.shards import SPLITS, load_masks, load_split, read_meta
 from gpt2.tokenizer import load_tokenizer
 from gpt2.vocab_checks import check_ids_fit, tokenizer_difference
 
@@ -130,10 +137,11 @@ class StopRequest:
 
 @dataclass
 class StepStats:
-    loss: float  # mean over the step's micro-batches and processes
+    loss: float  # mean over the step's micro-batches and processes (scored tokens, for chat)
     grad_norm: float  # before clipping
     lr: float
     skipped: bool = False
+    trained_tokens: int | None = None  # scored targets in the step, all processes (masked data)
 
 
 @dataclass
@@ -147,6 +155,7 @@ class TrainResult:
     checkpoint: Path
     sample: str
     stopped_by: str = ""  # the signal that stopped the run early, if one did
+    trained_tokens_per_s: float | None = None  # masked data: the scored tokens only
 
 
 class Trainer:
@@ -183,6 +192,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.train_model = torch.compile(self.wrapped) if cfg.compile else self.wrapped
         self.step = 0
+        self.trained_tokens = 0  # scored targets so far, all processes (masked data only)
         self.best_val_loss = math.inf
         self.skips_in_a_row = 0
         self.last_checkpoint: Path | None = None
@@ -246,14 +256,16 @@ class Trainer:
         layout = Layout(cfg.batch_size, self.accum_steps, env.rank, env.world_size)
         self.tokens_per_step = layout.windows_per_step * block
         splits = {split: load_split(self.data_dir, split) for split in SPLITS}
+        masks = {split: load_masks(self.data_dir, split) for split in SPLITS}
+        self.masked = masks["train"] is not None  # conversations: only replies are scored
         vocab = self.model.config.vocab_size
         check_ids_fit([a for arrays in splits.values() for a in arrays], vocab, str(self.data_dir))
-        train = WindowSequence(splits["train"], block, cfg.seed, "the train split")
+        train = WindowSequence(splits["train"], block, cfg.seed, "the train split", masks["train"])
         self.batches = TrainBatches(train, layout)
         n_batches = -(-cfg.eval_iters // env.world_size) * env.world_size
         self.eval_batches = {
             split: fixed_batches(
-                WindowSequence(arrays, block, cfg.seed + 1 + i, f"the {split} split"),
+                WindowSequence(arrays, block, cfg.seed + 1 + i, f"the {split} split", masks[split]),
                 cfg.batch_size,
                 n_batches,
                 env.rank,
@@ -325,6 +337,11 @@ class Trainer:
                 f"({tokenizer_difference(tokenizer, self.tokenizer)}); prepare the data with "
                 "the model's tokenizer"
             )
+        if tokenizer.chat_template != self.tokenizer.chat_template and self.is_main:
+            log.info(
+                "%s has another chat template than the data; the checkpoints get the data's",
+                source,
+            )
         if overrides.get("block_size"):
             model.crop_block_size(overrides["block_size"])
         if overrides.get("dropout") is not None:
@@ -343,6 +360,7 @@ class Trainer:
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
+        self.trained_tokens = int(state.get("trained_tokens", 0))
         self.best_val_loss = float(state.get("best_val_loss", math.inf))
         changed = self.batches.load_state_dict(state["loader"])
         rngs = state.get("rng", [])
@@ -401,19 +419,24 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         micro_losses = []
-        for i, (x, y) in enumerate(self.batches.next_step()):
+        micro = self.batches.next_step()
+        weights, n_trained = self._micro_weights(micro)
+        for i, (x, y) in enumerate(micro):
             last = i == self.accum_steps - 1
             with distributed.gradient_sync(self.train_model, sync=last):
                 loss = self._forward_loss(self.train_model, self._to_device(x), self._to_device(y))
-                # Each micro-batch weighs 1/accum_steps; processes are averaged by the sync.
-                self.scaler.scale(loss / self.accum_steps).backward()
-            micro_losses.append(loss.detach())
+                # Each micro-batch weighs 1/accum_steps (or its share of the scored tokens);
+                # processes are averaged by the sync.
+                share = loss / self.accum_steps if weights is None else loss * weights[i]
+                self.scaler.scale(share).backward()
+            micro_losses.append((loss if weights is None else share).detach())
         self.scaler.unscale_(self.optimizer)
         norm = self._clip_gradients()
         # One transfer for everything the host must look at: the losses and the norm.
         summary = torch.cat([torch.stack(micro_losses).float(), norm.float().reshape(1)])
         summary[:-1] = distributed.all_reduce(summary[:-1].clone(), self.env) / self.env.world_size
         values = summary.tolist()
+        # Each micro-batch's loss (masked data: its share of the step's loss, which adds up).
         losses, grad_norm = values[:-1], values[-1]
         bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
         if bad is None and not math.isfinite(grad_norm) and not self.scaler.is_enabled():
@@ -426,7 +449,24 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepStats(sum(losses) / len(losses), grad_norm, lr)
+        if n_trained is None:
+            return StepStats(sum(losses) / len(losses), grad_norm, lr)
+        self.trained_tokens += n_trained
+        step_loss = sum(losses) if n_trained else float("nan")  # no reply in the whole step
+        return StepStats(step_loss, grad_norm, lr, trained_tokens=n_trained)
+
+    def _micro_weights(
+        self, micro: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[list[float] | None, int | None]:
+        """Masked data: each micro-batch's weight, ``scored * world_size / step_scored`` (the
+        sync then averages the processes), and the step's scored targets on all processes.
+        None, None for text, where every micro-batch weighs ``1 / accum_steps``."""
+        if not self.masked:
+            return None, None
+        counts = [int((y != -1).sum()) for _, y in micro]
+        total = torch.tensor([sum(counts)], dtype=torch.int64, device=self.device)
+        n_trained = int(distributed.all_reduce(total, self.env).item())
+        return [c * self.env.world_size / max(1, n_trained) for c in counts], n_trained
 
     def _clip_gradients(self) -> torch.Tensor:
         """The global gradient norm before clipping (a 0-dim tensor), clipping if asked."""
@@ -466,7 +506,8 @@ class Trainer:
 
     @torch.no_grad()
     def estimate_loss(self) -> dict[str, float]:
-        """Mean loss over the fixed train and val batches (split across processes), dropout off."""
+        """Mean loss over the fixed train and val batches (split across processes), dropout off.
+        On masked data, the mean over their scored tokens (each batch weighted by its count)."""
         model = self.train_model
         model.eval()
         out = {}
@@ -474,7 +515,8 @@ class Trainer:
             total = torch.zeros(2, device=self.device)  # (sum of batch losses, batch count)
             for x, y in batches:
                 loss = self._forward_loss(model, self._to_device(x), self._to_device(y))
-                total += torch.stack([loss.float(), torch.ones((), device=self.device)])
+                weight = float((y != -1).sum()) if self.masked else 1.0  # scored targets
+                total += torch.stack([loss.float() * weight, total.new_tensor(weight)])
             total = distributed.all_reduce(total, self.env)
             out[split] = (total[0] / total[1]).item()
         model.train()
@@ -523,6 +565,7 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "best_val_loss": self.best_val_loss,
             "world_size": self.env.world_size,
+            "trained_tokens": self.trained_tokens,
         }
         state = {"step": self.step, **{f"{k}_loss": v for k, v in (losses or {}).items()}}
 
@@ -551,6 +594,7 @@ class Trainer:
         peak = peak_flops(self.device, precision_name(self.dtype, cfg.tf32), cfg.peak_tflops)
         losses = {"train": float("nan"), "val": float("nan")}
         first_step, train_time, stopped_by = self.step, 0.0, ""
+        first_trained = self.trained_tokens
         start = time.perf_counter()
         self.model.train()
         bar = tqdm(total=cfg.max_iters, initial=self.step, desc="training", unit="step",
@@ -576,7 +620,8 @@ class Trainer:
                 if evaluate:
                     losses = self.estimate_loss()
                     tokens_per_s = self.tokens_per_step * (step - first_step) / train_time
-                    self._log_eval(metrics, losses, tokens_per_s)
+                    trained_per_s = (self.trained_tokens - first_trained) / train_time
+                    self._log_eval(metrics, losses, tokens_per_s, trained_per_s)
                 # --- the benchmark (--eval-task) and a sample
                 self._run_eval_task(metrics, evaluated=evaluate)
                 if cfg.sample_interval and step % cfg.sample_interval == 0:
@@ -589,7 +634,11 @@ class Trainer:
                     stopped_by = stop.signal_name or "a signal to another process"
                     break
         wall = time.perf_counter() - start
-        return self._finish(losses, self.step - first_step, train_time, wall, stopped_by)
+        result = self._finish(losses, self.step - first_step, train_time, wall, stopped_by)
+        if self.masked:
+            trained = self.trained_tokens - first_trained
+            result.trained_tokens_per_s = trained / max(train_time, 1e-9)
+        return result
 
     def _open_metrics(self) -> MetricsLog:
         """``metrics.jsonl`` in out_dir (on rank 0), cut back to the resumed step."""
@@ -638,7 +687,15 @@ class Trainer:
     def _log_step(
         self, metrics: MetricsLog, stats: StepStats, dt: float, peak: float | None
     ) -> None:
+        """One metrics line. ``tokens_per_s`` counts every token the model read (what MFU is
+        made of); on masked data ``trained_tokens`` (so far) and ``trained_tokens_per_s``
+        count the scored ones, the assistant's replies."""
         tokens_per_s = self.tokens_per_step / dt
+        trained = (
+            {"trained_tokens": self.trained_tokens, "trained_tokens_per_s": stats.trained_tokens / dt}
+            if stats.trained_tokens is not None
+            else {}
+        )  # fmt: skip
         metrics.write(
             step=self.step,
             loss=stats.loss,
@@ -646,18 +703,27 @@ class Trainer:
             grad_norm=stats.grad_norm,
             ms_per_iter=dt * 1e3,
             tokens_per_s=tokens_per_s,
+            **trained,
             mfu=tokens_per_s * self.flops_per_token / peak if peak else None,
             mem_gb=peak_memory_gb(self.device),
         )
 
-    def _log_eval(self, metrics: MetricsLog, losses: dict[str, float], tokens_per_s: float) -> None:
+    def _log_eval(
+        self,
+        metrics: MetricsLog,
+        losses: dict[str, float],
+        tokens_per_s: float,
+        trained_per_s: float = 0.0,
+    ) -> None:
         if self.is_main:
+            trained = f" ({trained_per_s:.0f} trained on)" if self.masked else ""
             log.info(
-                "step %d: train loss %.4f, val loss %.4f, %.0f tokens/s",
+                "step %d: train loss %.4f, val loss %.4f, %.0f tokens/s%s",
                 self.step,
                 losses["train"],
                 losses["val"],
                 tokens_per_s,
+                trained,
             )
         metrics.write(step=self.step, train_loss=losses["train"], val_loss=losses["val"])
 

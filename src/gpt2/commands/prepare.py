@@ -5,6 +5,10 @@ meta.json and the tokenizer. One text file (and no ``--shard-tokens``) gives one
 shard, the last ``--val-fraction`` of its tokens held out (`gpt2.prepare.prepare_text`). Anything
 else (several files, a folder, JSONL, Parquet, a Hugging Face dataset, or ``--shard-tokens``) is
 streamed, whole documents held out for validation, resumable (`gpt2.prepare.prepare_shards`).
+
+With --chat the documents are conversations (OpenAI's messages: one {"messages": [...]} per
+JSONL line, or a dataset's messages column), rendered by the chat template; a mask beside each
+shard marks the assistant's replies, the only tokens fine-tuning learns (docs/chat.md).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from pathlib import Path
 
 from gpt2.assets import fetch
 from gpt2.commands.options import float_in, non_empty, positive_int
-from gpt2.corpus import Source, find_sources
+from gpt2.corpus import Source, find_sources, read_text
 from gpt2.errors import UserError
 from gpt2.prepare import prepare_shards, prepare_text
 from gpt2.tokenizer import get_tokenizer
@@ -63,7 +67,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="the JSONL field or Parquet/dataset column holding the text (default: text)",
     )
     p.add_argument("--on-bad-line", choices=("stop", "skip"), default="stop",
-                   help="a JSONL line that is not JSON or has no text: stop with its file and line (default), or skip it and count it")  # fmt: skip
+                   help="a JSONL line (or, with --chat, a row) that is not JSON or holds no text or conversation: stop with its file and line (default), or skip it and count it")  # fmt: skip
+    p.add_argument("--chat", action="store_true",
+                   help="the input holds conversations (OpenAI messages); only the assistant's replies are trained on (docs/chat.md)")  # fmt: skip
+    p.add_argument("--messages-field", type=non_empty, metavar="NAME",
+                   help="with --chat: the JSONL field or Parquet/dataset column holding the messages (default: messages)")  # fmt: skip
+    p.add_argument("--chat-template", metavar="FILE.jinja",
+                   help="with --chat: a Jinja chat template, saved in the folder's tokenizer.json (default: the built-in one, docs/chat.md)")  # fmt: skip
     p.add_argument("--reference-encoder", action="store_true",
                    help="encode with the readable BPE instead of tiktoken (the same ids, much slower)")  # fmt: skip
     p.set_defaults(func=run)
@@ -73,6 +83,11 @@ def run(args: argparse.Namespace) -> int:
     """One text file split by tokens, anything else streamed by documents (module docstring)."""
     if args.input and args.hf_dataset:
         raise UserError("give --input or --hf-dataset, not both")
+    if args.chat:
+        return _prepare_chat(args)
+    for given, flag in ((args.messages_field, "--messages-field"), (args.chat_template, "--chat-template")):  # fmt: skip
+        if given is not None:
+            raise UserError(f"{flag} is for conversations: add --chat")
     inputs = args.input or ([] if args.hf_dataset else [fetch("tinyshakespeare/input.txt")])
     sources = (
         [Source("hf", args.hf_dataset, args.hf_subset, args.hf_split)]
@@ -124,5 +139,44 @@ def _prepare_one_file(args: argparse.Namespace, path: str) -> int:
     log.info(
         "wrote %s: %d train and %d val tokens (%s, vocabulary %d, %s)",
         args.out, meta["train_tokens"], meta["val_tokens"], meta["tokenizer"], meta["vocab_size"], meta["dtype"],
+    )  # fmt: skip
+    return 0
+
+
+def _prepare_chat(args: argparse.Namespace) -> int:
+    """Conversations to masked shards, streamed and resumable like any corpus."""
+    if not args.input and not args.hf_dataset:
+        raise UserError("--chat needs --input (JSONL or Parquet files, or folders) or --hf-dataset")
+    if args.tokenizer == "char":
+        raise UserError("--chat needs a tokenizer with an end-of-text token to end each reply: gpt2 or a BPE folder")  # fmt: skip
+    sources = (
+        [Source("hf", args.hf_dataset, args.hf_subset, args.hf_split)]
+        if args.hf_dataset
+        else find_sources(args.input, chat=True)
+    )
+    tokenizer = get_tokenizer(args.tokenizer or "gpt2")
+    if args.chat_template:
+        tokenizer.chat_template = read_text(args.chat_template)
+    meta = prepare_shards(
+        sources,
+        args.out,
+        tokenizer,
+        shard_tokens=args.shard_tokens or 100_000_000,
+        val_fraction=0.01 if args.val_fraction is None else args.val_fraction,
+        workers=args.workers,
+        text_field=args.messages_field or "messages",
+        on_bad_line=args.on_bad_line,
+        fast=not args.reference_encoder,
+        show_progress=not args.quiet,
+        chat=True,
+    )
+    trained, stats = meta["trained_tokens"], meta["stats"]
+    log.info(
+        "wrote %s: %d train tokens (%d trained on) in %d shards, %d val tokens (%d trained on) "
+        "in %d; %d + %d conversations, %d lines skipped, %d invalid UTF-8 sequences replaced",
+        args.out, meta["train_tokens"], trained["train"], len(meta["shards"]["train"]),
+        meta["val_tokens"], trained["val"], len(meta["shards"]["val"]),
+        meta["documents"]["train"], meta["documents"]["val"],
+        stats["skipped_lines"], stats["replaced_characters"],
     )  # fmt: skip
     return 0

@@ -136,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
         result.train_loss,
         result.val_loss,
     )
+    if result.trained_tokens_per_s is not None:
+        log.info("of those, trained on (the replies): %.0f tokens/s", result.trained_tokens_per_s)
     log.info("checkpoint: %s", result.checkpoint)
     if result.sample:
         print(f"--- sample ---\n{result.sample}")
