@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 # Point the asset cache at a local folder to work offline (tests use ../shared/data).
 export GPT2_CACHE_DIR ?= $(HOME)/.cache/gpt2
 
-.PHONY: install demo test test-numerics notebook lint format bench clean gpu-check gpu-check-dry-run llama-cpp
+.PHONY: install demo chat-demo test test-numerics notebook lint format bench clean gpu-check gpu-check-dry-run llama-cpp
 
 install: $(INSTALLED)  ## a virtual environment with torch 2.13.0 (CPU) and the package, editable, with test extras
 
@@ -20,6 +20,17 @@ $(INSTALLED): pyproject.toml
 
 demo: $(INSTALLED)  ## train a small character model on TinyShakespeare on the CPU, then sample
 	$(BIN)/gpt2 train
+
+# docs/chat.md, "A recipe that shows it works": pre-train a small model, fine-tune it on generated
+# chat tasks, and score both on the held-out questions through the openai client (minutes, one thread).
+chat-demo: $(INSTALLED)  ## pre-train a small model, fine-tune it on chat tasks, score both through gpt2 serve
+	$(BIN)/python scripts/make_chat_tasks.py --out data/chat-tasks
+	$(BIN)/gpt2 prepare --tokenizer gpt2 --out data/shakespeare-gpt2
+	$(BIN)/gpt2 train --config chat_tasks_base
+	$(BIN)/gpt2 prepare --chat --input data/chat-tasks/train.jsonl --out data/chat-tasks-sft
+	$(BIN)/gpt2 train --config chat_tasks_sft
+	$(BIN)/python scripts/chat_exact_match.py --heldout data/chat-tasks/heldout.jsonl --log-dir out \
+		--checkpoint before=out/chat-tasks-base --checkpoint after=out/chat-tasks-sft
 
 test: $(INSTALLED)  ## the test suite (what CI runs); assets from ../shared/data or the user's cache
 	$(BIN)/python -m pytest

@@ -185,7 +185,8 @@ class GPT(nn.Module):
         if targets is not None and not return_logits:
             # Training: the loss (and its gradient) a chunk of rows at a time, never holding
             # the (B, T, vocab_size) logits at once; see `linear_cross_entropy`.
-            loss = linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets)
+            hidden, scored = scored_rows(x.reshape(-1, x.size(-1)), targets.reshape(-1))
+            loss = linear_cross_entropy(hidden, self.lm_head.weight, scored)
             return None, loss
         logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = None
@@ -281,6 +282,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
         return grad_hidden * grad_loss, grad_weight * grad_loss, None, None
+
+
+def scored_rows(hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of ``hidden`` (N, C) and ``targets`` (N,) whose target is scored (not -1).
+
+    On conversations the loss learns the assistant's replies only, a fifth of the tokens or
+    less, and the output head is most of a small model's compute (50257 x 128 for a model of
+    width 128): giving it the scored rows alone makes a fine-tuning step several times cheaper
+    there (bench/NOTES.md), with the same loss and gradients. Text, every target scored, passes as it
+    is; so does everything under torch.compile, where a shape that depends on the data would
+    split the graph. (Choosing the rows reads the targets: on a GPU, one sync a micro-step.)
+    """
+    if torch.compiler.is_compiling():
+        return hidden, targets
+    scored = targets != -1
+    if bool(scored.all()):
+        return hidden, targets
+    return hidden[scored], targets[scored]
 
 
 def linear_cross_entropy(
