@@ -124,14 +124,18 @@ def ask_all(
 ) -> list[str]:
     """Every conversation's reply, greedy, through the official client (a few requests at a
     time: the server batches them, and greedy decoding gives each the same reply as alone)."""
-    from openai import OpenAI
+    from openai import APIStatusError, OpenAI
 
     client = OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=120.0)
 
     def ask(messages: list[dict[str, str]]) -> str:
-        response = client.chat.completions.create(
-            model=model, messages=messages[:-1], temperature=0, max_tokens=max_tokens
-        )
+        try:
+            response = client.chat.completions.create(
+                model=model, messages=messages[:-1], temperature=0, max_tokens=max_tokens
+            )
+        except APIStatusError as e:  # the server's one-line reason (a context too small, ...)
+            why = f"{model}: the server refused a question ({e.status_code}): {e.message}"
+            raise UserError(why) from None
         return response.choices[0].message.content or ""
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -174,7 +178,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--url", help="score a server already running at this /v1 base URL")
     parser.add_argument("--model", default="gpt2", help="the model name to ask --url for")
     parser.add_argument("--api-key", default="none", help="the --url server's key, if it has one")
-    parser.add_argument("--max-tokens", type=int, default=16, help="longest reply (tokens)")
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=8,
+        help="longest reply in tokens (the tasks' answers take at most 5; the prompt and this "
+        "must fit the model's context)",
+    )
     parser.add_argument("--workers", type=int, default=4, help="requests in flight at once")
     parser.add_argument("--json-out", help="also write the results to this JSON file")
     parser.add_argument("--log-dir", default=".", help="folder for each server's log")

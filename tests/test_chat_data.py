@@ -23,7 +23,16 @@ from gpt2.config import GPTConfig, TrainConfig
 from gpt2.loader import WindowSequence
 from gpt2.model import GPT
 from gpt2.prepare import is_val_document
-from gpt2.shards import HEADER_BYTES, MAGIC, MASK_MAGIC, load_masks, load_split, read_meta
+from gpt2.shards import (
+    CONVERSATION_START,
+    HEADER_BYTES,
+    MAGIC,
+    MASK_MAGIC,
+    REPLY,
+    load_masks,
+    load_split,
+    read_meta,
+)
 from gpt2.tokenizer import GPT2Tokenizer, load_tokenizer
 from gpt2.train import Trainer
 
@@ -102,7 +111,10 @@ def test_jsonl_gives_llmc_shards_with_the_masks_of_conversation_ids(chat_data, g
         tokens, masks = load_split(chat_data, split), load_masks(chat_data, split)
         assert masks is not None and [len(m) for m in masks] == [len(t) for t in tokens]
         assert np.concatenate(tokens).tolist() == want[split][0]
-        assert np.concatenate(masks).astype(bool).tolist() == want[split][1]
+        flags = np.concatenate(masks)
+        assert (flags & REPLY).astype(bool).tolist() == want[split][1]
+        starts = np.flatnonzero(flags & CONVERSATION_START)
+        assert len(starts) == meta["documents"][split] and starts[0] == 0
         assert meta["trained_tokens"][split] == sum(want[split][1]) > 0
         assert meta["masks"][split] == [n.replace(".bin", ".mask") for n in meta["shards"][split]]
         first = meta["shards"][split][0]
@@ -138,7 +150,8 @@ def test_custom_template_is_used_and_saved(tmp_path, gpt2_tok):
     want = expected(gpt2_tok, TEMPLATE)
     assert np.concatenate(load_split(tmp_path / "out", "val")).tolist() == want["val"][0]
     masks = load_masks(tmp_path / "out", "val")
-    assert masks is not None and np.concatenate(masks).astype(bool).tolist() == want["val"][1]
+    assert masks is not None
+    assert (np.concatenate(masks) & REPLY).astype(bool).tolist() == want["val"][1]
     # Another template is another run: the folder is not added to.
     (tmp_path / "u.jinja").write_text(TEMPLATE.replace("Bot", "AI"), encoding="utf-8")
     assert prepare_chat(tmp_path / "out", "--input", str(jsonl), "--chat-template", str(tmp_path / "u.jinja")) == 2  # fmt: skip
@@ -221,26 +234,29 @@ def test_wrong_inputs_and_templates_are_one_line_errors(tmp_path, capsys):
 # --- the loader and the loss ----------------------------------------------------------------------
 
 
-def test_loader_targets_are_minus_one_where_the_mask_is_off(chat_data):
+def test_loader_rows_are_conversations_with_only_their_replies_as_targets(chat_data, gpt2_tok):
+    """Row i of a batch is one whole conversation from its first token (padded, or run on into
+    the next one, past its end); its targets are its own replies, -1 everywhere else."""
     tokens, masks = load_split(chat_data, "train"), load_masks(chat_data, "train")
     seq = WindowSequence(tokens, 32, seed=3, masks=masks)
-    plain = WindowSequence(tokens, 32, seed=3)
-    x, y = seq.batch(0, 64)
-    px, py = plain.batch(0, 64)  # the same windows without masks
-    ids = seq.window_ids(0, 64)
-    trained = seq.gather_mask(ids)[:, 1:]
-    assert torch.equal(x, px) and torch.equal(y[trained], py[trained])
-    assert (y[~trained] == -1).all() and 0 < trained.sum() < trained.numel()
-    # Every target is checked against the files themselves, window by window.
-    flat_tokens = np.concatenate(tokens).astype(np.int64)
-    flat_masks = np.concatenate(masks).astype(bool)
-    starts = np.concatenate(([0], np.cumsum([len(t) for t in tokens])))
-    first_id = seq.first_id
+    assert seq.n_windows == read_meta(chat_data)["documents"]["train"]  # one per conversation
+    ids = seq.window_ids(0, seq.n_windows)
+    assert sorted(ids.tolist()) == list(range(seq.n_windows))  # an epoch: each one once
+    x, y = seq.batch(0, seq.n_windows)
+    # The conversations of the train split, in file order, rebuilt from the files themselves.
+    convs = []
+    for t, m in zip(tokens, masks, strict=True):
+        starts = np.append(np.flatnonzero(m & CONVERSATION_START), len(t))
+        convs += [(t[a:b].astype(np.int64), m[a:b] & REPLY) for a, b in zip(starts, starts[1:])]
+    assert len(convs) == seq.n_windows
     for row, i in enumerate(ids.tolist()):
-        a = int(np.searchsorted(first_id, i, side="right") - 1)
-        start = starts[a] + i - first_id[a]
-        want = np.where(flat_masks[start + 1 : start + 33], flat_tokens[start + 1 : start + 33], -1)
-        assert y[row].tolist() == want.tolist()
+        conv, reply = convs[i]
+        n = min(len(conv), 33)
+        assert x[row, : n - 1].tolist() == conv[: n - 1].tolist()
+        want = np.where(reply[1:n] == 1, conv[1:n], -1).tolist()
+        assert y[row, : n - 1].tolist() == want
+        assert (y[row, n - 1 :] == -1).all()  # past its conversation: nothing to learn
+    assert (y != -1).any()
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["plain-loss", "chunked-loss"])
@@ -249,14 +265,15 @@ def test_masked_targets_add_exactly_nothing_to_the_gradient(chunked):
     it keeps changes them. (The window's last token is a target only, never an input.)"""
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50))
-    n = 16 + 4096  # 4096 windows: one epoch fills the loader's first block of ids (fast)
+    n = 64
     tokens = np.random.default_rng(0).integers(0, 50, n).astype(np.uint16)
-    mask = np.arange(n) % 3 != 0
-    last = int(WindowSequence([tokens], 16, seed=0).window_ids(0, 1)[0]) + 16  # a target only
+    mask = (np.arange(n) % 3 != 0).astype(np.uint8) * REPLY
+    mask[0] |= CONVERSATION_START  # one conversation: the one window starts at 0
+    last = 16  # the window's last token: a target only
 
     def grads(last_token: int, last_trained: bool) -> list[torch.Tensor]:
         t, m = tokens.copy(), mask.copy()
-        t[last], m[last] = last_token, last_trained
+        t[last], m[last] = last_token, REPLY if last_trained else 0
         x, y = WindowSequence([t], 16, seed=0, masks=[m]).batch(0, 1)
         assert y[0, -1] == (last_token if last_trained else -1)
         model.zero_grad()

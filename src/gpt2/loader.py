@@ -16,11 +16,17 @@ that sequence is computed directly (a Feistel network; no permutation is ever st
   slice ``a * world_size + r`` of them. Two ranks with one micro-step each therefore read the
   same windows as one process with two micro-steps, which makes the two runs comparable.
 
-Conversations (``gpt2 prepare --chat``) come with a mask per array, 1 where a token is to be
-learned (an assistant's reply). Windows are cut from the packed stream of conversations just as
-from text, so a window may begin inside one conversation and end inside another; a target whose
-mask is 0 becomes -1, which the loss skips (`gpt2.model.GPT.forward`). Nothing else changes:
-the same windows, the same order, the same one-number state.
+Conversations (``gpt2 prepare --chat``) come with a mask per array (`gpt2.shards`): a bit for
+each token to be learned (an assistant's reply) and a bit on each conversation's first token.
+There a window is a *conversation*: row ``i`` starts at its first token, as a conversation does
+when the model is asked to reply, and every target that is not a reply of that conversation
+is -1, which the loss skips (`gpt2.model.GPT.forward`); the row runs on into the next
+conversation (or padding at the end of an array), whose tokens a causal model cannot see from
+earlier positions. A conversation longer than the window is learned up to ``block_size`` tokens.
+Windows at every offset of the packed stream would start most rows in mid-conversation, at
+positions no reply ever starts from, which a small model with learned positions does not carry
+over (bench/NOTES.md, "Chat fine-tuning on the CPU"). The ids, the order and the one-number
+state work as for text, with one id per conversation.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import numpy as np
 import torch
 
 from gpt2.errors import UserError
+from gpt2.shards import CONVERSATION_START, REPLY
 
 _FEISTEL_ROUNDS = 4
 _ID_BLOCK = 4096  # window ids computed per call of `WindowSequence._id_block`
@@ -102,9 +109,21 @@ class WindowSequence:
             raise ValueError("one mask per array, as long as it")
         self.block_size = block_size
         self.seed = seed
-        # Array i holds len - block_size windows (each needs block_size + 1 tokens).
-        counts = np.array([max(0, len(a) - block_size) for a in self.arrays], dtype=np.int64)
+        # Conversations: the offsets where windows begin and where each one's conversation ends.
+        self.starts: list[np.ndarray] | None = None
+        self.ends: list[np.ndarray] | None = None
+        if self.masks is not None:
+            self.starts = [np.flatnonzero(m & CONVERSATION_START) for m in self.masks]
+            self.ends = [np.append(st[1:], len(a)) for st, a in zip(self.starts, self.arrays)]
+            counts = np.array([len(st) for st in self.starts], dtype=np.int64)
+        else:  # array i holds len - block_size windows (each needs block_size + 1 tokens)
+            counts = np.array([max(0, len(a) - block_size) for a in self.arrays], dtype=np.int64)
         self.n_windows = int(counts.sum())
+        if self.starts is not None and self.n_windows == 0:
+            raise UserError(
+                f"{name} marks no conversation starts (a folder from an earlier version of "
+                "`gpt2 prepare --chat`, or no conversations): prepare the conversations again"
+            )
         if self.n_windows == 0:
             longest = max((len(a) for a in self.arrays), default=0)
             raise UserError(
@@ -143,20 +162,33 @@ class WindowSequence:
         return torch.from_numpy(self._gather(self.arrays, ids, np.int64))
 
     def gather_mask(self, ids: np.ndarray) -> torch.Tensor:
-        """The masks of the windows with these ids, as a bool tensor (len(ids), block_size + 1);
-        all True for data without masks."""
+        """Which tokens of the windows with these ids are learned, as a bool tensor
+        (len(ids), block_size + 1): a reply of the window's own conversation; all True for data
+        without masks."""
         if self.masks is None:
             return torch.ones((len(ids), self.block_size + 1), dtype=torch.bool)
-        return torch.from_numpy(self._gather(self.masks, ids, np.bool_))
+        return torch.from_numpy(self._gather(self.masks, ids, np.uint8, own_only=True) == 1)
 
-    def _gather(self, arrays: list[np.ndarray], ids: np.ndarray, dtype: Any) -> np.ndarray:
+    def _gather(
+        self, arrays: list[np.ndarray], ids: np.ndarray, dtype: Any, own_only: bool = False
+    ) -> np.ndarray:
+        """The windows with these ids, read from ``arrays`` (the tokens, or the masks); with
+        ``own_only``, the reply bit alone and only within each window's own conversation."""
         which = np.searchsorted(self.first_id, ids, side="right") - 1
-        starts = ids - self.first_id[which]
-        out = np.empty((len(ids), self.block_size + 1), dtype=dtype)
+        index = ids - self.first_id[which]  # the window's number within its array
+        out = np.zeros((len(ids), self.block_size + 1), dtype=dtype)
         span = np.arange(self.block_size + 1, dtype=np.int64)
         for a in np.unique(which):  # one fancy-indexing read per array involved
             rows = which == a
-            out[rows] = arrays[a][starts[rows, None] + span]
+            if self.starts is None or self.ends is None:
+                out[rows] = arrays[a][index[rows, None] + span]
+                continue
+            pos = self.starts[a][index[rows], None] + span
+            inside = pos < len(arrays[a])  # past the array's end: padding (0)
+            got = np.where(inside, arrays[a][np.minimum(pos, len(arrays[a]) - 1)], 0)
+            if own_only:
+                got = np.where(pos < self.ends[a][index[rows], None], got & REPLY, 0)
+            out[rows] = got
         return out
 
     def batch(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:

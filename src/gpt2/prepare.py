@@ -61,7 +61,9 @@ from gpt2.errors import UserError
 from gpt2.files import make_folder, read_json, replaced_folder, write_json
 from gpt2.shards import (
     FORMAT,
+    CONVERSATION_START,
     META_FILE,
+    REPLY,
     SPLITS,
     ShardWriter,
     mask_name,
@@ -274,11 +276,13 @@ class ChatEncoder:
             except UserError as e:
                 raise UserError(f"{where}: {e}") from None
             ids[SPLITS[is_val]].append(np.array(piece, dtype=np.uint32))
-            masks[SPLITS[is_val]].append(np.array(mask, dtype=np.bool_))
+            flags = np.array(mask, dtype=np.uint8) * REPLY
+            flags[0] |= CONVERSATION_START
+            masks[SPLITS[is_val]].append(flags)
             n_bytes += sum(len(m["content"].encode("utf-8")) for m in messages)
         return Encoded(
             {s: _joined(p, np.uint32) for s, p in ids.items()},
-            {s: _joined(p, np.bool_) for s, p in masks.items()},
+            {s: _joined(p, np.uint8) for s, p in masks.items()},
             n_bytes,
         )
 

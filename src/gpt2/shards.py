@@ -14,8 +14,9 @@ memory-maps the tokens past the header; `load_split` gives a split's shards, whi
 
 Conversations (``gpt2 prepare --chat``) add a *mask* beside each shard, ``train_000000.mask``
 next to ``train_000000.bin``: the same 1 KiB header layout with magic `MASK_MAGIC` (the bytes
-``MASK``), version 1 and the token count, then one byte per token, 1 where training learns to
-predict that token (an assistant's reply and the end-of-text closing it), 0 elsewhere. The
+``MASK``), version 1 and the token count, then one byte of flags per token: `REPLY` where
+training learns to predict that token (an assistant's reply and the end-of-text closing it),
+`CONVERSATION_START` on each conversation's first token (where training rows begin). The
 shards themselves stay exactly llm.c's, so any reader of those still reads the tokens; a byte
 rather than a bit per token lets the loader slice windows of the mask as it slices the tokens.
 ``meta.json`` lists the masks under ``masks``; `load_masks` reads them.
@@ -49,6 +50,8 @@ FORMAT = "shards-v1"
 MASK_MAGIC = int.from_bytes(b"MASK", "little")  # a mask file begins with the bytes "MASK"
 MASK_VERSION = 1  # one byte per token, 0 or 1
 MASK_SUFFIX = ".mask"
+REPLY = 1  # a mask flag: training learns this token
+CONVERSATION_START = 2  # a mask flag: a conversation begins at this token
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -180,14 +183,14 @@ class ShardWriter:
         return f
 
     def append(self, ids: np.ndarray, documents: int = 0, mask: np.ndarray | None = None) -> None:
-        """Add tokens (and, for a masked writer, their mask: one bool per id); a shard that
-        fills up is finished and a new one begun."""
+        """Add tokens (and, for a masked writer, their mask: one byte of flags per id); a shard
+        that fills up is finished and a new one begun."""
         if (mask is not None) != self.masked or (mask is not None and len(mask) != len(ids)):
             raise ValueError("a masked writer takes one mask value per id, any other none")
         ids = ids.astype(self.dtype, copy=False)
         flags = mask.astype(np.uint8, copy=False) if mask is not None else None
         if flags is not None:
-            self.trained += int(flags.sum())
+            self.trained += int(np.count_nonzero(flags & REPLY))
         while len(ids):
             take = min(len(ids), self.shard_tokens - self.tokens)
             self.file.write(ids[:take].tobytes())
@@ -298,7 +301,7 @@ def load_split(data_dir: str | Path, split: str) -> list[np.memmap]:
 
 def load_masks(data_dir: str | Path, split: str) -> list[np.memmap] | None:
     """The masks of one split's shards, in the same order as `load_split`'s (uint8 memory
-    maps: 1 where training learns the token); None for a folder without masks (plain text,
+    maps of `REPLY` and `CONVERSATION_START` flags); None for a folder without masks (plain text,
     every token trained)."""
     meta = read_meta(data_dir)
     masks = meta.get("masks")
