@@ -247,7 +247,10 @@ def test_loader_rows_are_conversations_with_only_their_replies_as_targets(chat_d
     convs = []
     for t, m in zip(tokens, masks, strict=True):
         starts = np.append(np.flatnonzero(m & CONVERSATION_START), len(t))
-        convs += [(t[a:b].astype(np.int64), m[a:b] & REPLY) for a, b in zip(starts, starts[1:])]
+        convs += [
+            (t[a:b].astype(np.int64), m[a:b] & REPLY)
+            for a, b in zip(starts[:-1], starts[1:], strict=True)
+        ]
     assert len(convs) == seq.n_windows
     for row, i in enumerate(ids.tolist()):
         conv, reply = convs[i]

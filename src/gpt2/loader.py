@@ -114,7 +114,9 @@ class WindowSequence:
         self.ends: list[np.ndarray] | None = None
         if self.masks is not None:
             self.starts = [np.flatnonzero(m & CONVERSATION_START) for m in self.masks]
-            self.ends = [np.append(st[1:], len(a)) for st, a in zip(self.starts, self.arrays)]
+            self.ends = [
+                np.append(st[1:], len(a)) for st, a in zip(self.starts, self.arrays, strict=True)
+            ]
             counts = np.array([len(st) for st in self.starts], dtype=np.int64)
         else:  # array i holds len - block_size windows (each needs block_size + 1 tokens)
             counts = np.array([max(0, len(a) - block_size) for a in self.arrays], dtype=np.int64)

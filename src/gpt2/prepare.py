@@ -60,8 +60,8 @@ from gpt2.corpus import (
 from gpt2.errors import UserError
 from gpt2.files import make_folder, read_json, replaced_folder, write_json
 from gpt2.shards import (
-    FORMAT,
     CONVERSATION_START,
+    FORMAT,
     META_FILE,
     REPLY,
     SPLITS,
