@@ -76,11 +76,12 @@ class KVCacheEngine:
         (version counters, view records) on the dozens of small views and in-place cache writes
         of a step, a few percent of a GPT-2 124M decode step on the CPU (bench/NOTES.md). A
         tensor made in inference mode cannot be changed outside it, so the logits come back as
-        an ordinary copy (B x V floats: little next to the step).
+        an ordinary copy (B x V floats: little next to the step), in float32 whatever the
+        model's dtype: the sampler's softmax, penalties and log probabilities work in it.
         """
         with torch.inference_mode():
             logits, _ = self.model(idx, cache=self.cache.select(rows), last_only=last_only)
-        return logits.clone()
+        return logits.to(torch.float32, copy=True)
 
     def prefill(self, slot: int, ids: Sequence[int], all_positions: bool = False) -> torch.Tensor:
         """Put ``ids`` in the (free) ``slot``; logits (T, V) for every position, or (1, V)."""

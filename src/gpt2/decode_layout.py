@@ -30,6 +30,7 @@ int8 modules have no ``weight`` parameter).
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable
 
@@ -37,10 +38,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gpt2.device import cpu_has_native_bf16
 from gpt2.errors import UserError
 from gpt2.model import GPT
 
+log = logging.getLogger(__name__)
+
 QUANTIZE_MODES = ("none", "int8")
+DECODE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def decode_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """The torch dtype for a name of `DECODE_DTYPES` (or a dtype), refused in one line if it is
+    not one of them."""
+    if isinstance(dtype, str):
+        if dtype not in DECODE_DTYPES:
+            raise UserError(f"unknown dtype {dtype!r}; choose from {', '.join(DECODE_DTYPES)}")
+        return DECODE_DTYPES[dtype]
+    if dtype not in DECODE_DTYPES.values():
+        raise UserError(f"decoding runs in {' or '.join(DECODE_DTYPES)}, not {dtype}")
+    return dtype
 
 
 class SplitLinear(nn.Module):
@@ -157,6 +174,40 @@ class SplitLinear(nn.Module):
         side = self.cut_side(self._parameters["weight"])
         how = f"split {side}" if side else "F.linear"
         return f"in_features={self.in_features}, out_features={self.out_features}, {how}"
+
+
+class Float32Head(nn.Module):
+    """The output head of a bfloat16 model, giving float32 logits.
+
+    A bfloat16 product rounds each logit to 8 bits of mantissa (steps of 1/32 at a logit of 5),
+    which makes exact ties among the best of 50257 logits common, and greedy decoding then
+    depends on the order of a sum. Here each block of ``chunk`` vocabulary rows is cast to
+    float32 and multiplied: every logit is a float32 sum of exact products of the bfloat16
+    values, never rounded to bfloat16. The block keeps the cast copy small (12 MB at GPT-2's
+    width), so the head still reads its bfloat16 weight once. Same (tied) ``weight`` parameter.
+    """
+
+    chunk = 4096
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight = linear.weight  # (vocab, n_embd): tied to the embedding
+        self.register_parameter("bias", linear.bias)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        params = self._parameters
+        weight, bias = params["weight"], params["bias"]
+        x32 = x.float()
+        out = x32.new_empty((*x.shape[:-1], self.out_features))
+        for start in range(0, self.out_features, self.chunk):
+            rows = slice(start, start + self.chunk)
+            b = None if bias is None else bias[rows].float()
+            out[..., rows] = F.linear(x32, weight[rows].float(), b)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, float32 logits"
 
 
 def replace_modules(
@@ -280,18 +331,35 @@ def pin_submodules(model: GPT) -> GPT:
     return model
 
 
-def prepare_for_decoding(model: GPT, quantize: str = "none") -> GPT:
-    """The model, in place, in the fastest weight format for decoding on its device."""
+def prepare_for_decoding(
+    model: GPT, quantize: str = "none", dtype: torch.dtype | str = torch.float32
+) -> GPT:
+    """The model, in place, in the fastest weight format for decoding on its device.
+
+    ``dtype`` (a torch dtype or its name) casts every parameter, the tied embedding and head
+    included, so that activations and the KV cache follow; the engine hands the sampler float32
+    logits whatever it is (`gpt2.decode.KVCacheEngine`). int8 keeps float32 activations.
+    """
     if quantize not in QUANTIZE_MODES:
         raise UserError(
             f"unknown quantization {quantize!r}; choose from {', '.join(QUANTIZE_MODES)}"
         )
+    dtype = decode_dtype(dtype)
+    if quantize == "int8" and dtype != torch.float32:
+        raise UserError("int8 decoding keeps float32 activations: use it with --dtype float32")
     model.eval()
+    device = next(model.parameters()).device
+    if dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_native_bf16():
+        log.warning("bfloat16 on a CPU without AVX512-BF16 or AMX is emulated: slower than float32")
+    if dtype != next(model.parameters()).dtype:
+        model.to(dtype)  # in place: the tied head stays the embedding
     without_dropout(model)
     lean_layer_norms(model)
     if quantize == "int8":
         quantize_int8(model)
-    elif next(model.parameters()).device.type == "cpu":
+    elif dtype != torch.float32:
+        model.lm_head = Float32Head(model.lm_head)
+    elif device.type == "cpu":
         decode_layout(model)
         split_across_threads(model)
     return pin_submodules(model)  # last: the steps above replace submodules

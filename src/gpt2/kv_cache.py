@@ -67,9 +67,14 @@ class KVCache:
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch: int, max_len: int | None = None) -> KVCache:
-        """A cache shaped for ``model`` (a `GPT`), on its device and in its dtype."""
+        """A cache shaped for ``model`` (a `GPT`), on its device and in its dtype, except that
+        a bfloat16 model on the CPU keeps float32 keys and values: its attention is computed
+        in float32 (`gpt2.model.CausalSelfAttention`), and reading float32 costs less than
+        casting the whole cache up in every layer of every step."""
         p = model.transformer.wte.weight
         dtype = p.dtype if p.dtype.is_floating_point else torch.float32
+        if dtype == torch.bfloat16 and p.device.type == "cpu":
+            dtype = torch.float32
         return cls(model.config, batch, max_len or model.config.block_size, p.device, dtype)
 
     @property
@@ -163,8 +168,8 @@ class KVCache:
         kb, vb, L = self.k[layer], self.v[layer], self._length  # kb: (rows, nh, max_len, hs)
         rows, write = self._row_index, self._write_index  # (B, 1), (B, T)
         # Advanced indices around a slice put their broadcast shape first: (B, T, nh, hs).
-        kb[rows, :, write] = k.transpose(1, 2)
-        vb[rows, :, write] = v.transpose(1, 2)
+        kb[rows, :, write] = k.transpose(1, 2).to(kb.dtype)
+        vb[rows, :, write] = v.transpose(1, 2).to(vb.dtype)
         read = self._read_rows  # a slice (views) or an index tensor (gathered copies)
         return kb[read, :, :L], vb[read, :, :L]
 

@@ -1,0 +1,158 @@
+"""Decoding in bfloat16 and int8: each precision's KV-cache greedy equals its own cache-free
+definition (`cache_free.cache_free_greedy` on the same prepared model), the sampler sees float32
+logits, and the command line takes ``--dtype`` / ``--quantize`` or refuses them in one line.
+
+Models are tiny and random with weights at std 0.3 (as in tests/test_generate.py), so that
+greedy output does not collapse into one repeated token. In bfloat16 the two paths agree to the
+bit at almost every step: the products round once from float32 sums, attention runs in float32
+and the logits stay float32 (`gpt2.decode_layout.Float32Head`); a bfloat16 attention kernel or
+bfloat16 logits made them differ by 0.01-0.1 at every step, and these tests fail then.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from cache_free import cache_free_greedy
+
+from gpt2.checkpoint import load_checkpoint, save_checkpoint
+from gpt2.cli import main
+from gpt2.config import GPTConfig, TrainConfig
+from gpt2.decode_layout import prepare_for_decoding
+from gpt2.errors import UserError
+from gpt2.generate import KVCacheEngine, SamplingParams, complete, generate
+from gpt2.model import GPT
+from gpt2.tokenizer import CharTokenizer
+
+SHAPES = [
+    dict(n_layer=2, n_head=2, n_embd=32, vocab_size=64),
+    dict(n_layer=3, n_head=4, n_embd=48, vocab_size=97, bias=False),
+]
+PRECISIONS = [("none", "bfloat16")]
+
+
+def tiny_model(seed: int, **shape: int | bool) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=128, **shape)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    return model
+
+
+@pytest.fixture
+def two_threads():
+    """Two torch threads, so that `SplitLinear` cuts the one-row products as it does when
+    decoding for real; the suite's count comes back afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(("quantize", "dtype"), PRECISIONS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cached_greedy_equals_cache_free_in_each_precision(
+    two_threads, quantize: str, dtype: str, shape: dict
+) -> None:
+    model = prepare_for_decoding(tiny_model(3, **shape), quantize, dtype)
+    prompt = [1, 5, 2, 7, 3]
+    out = generate(model, torch.tensor([prompt]), 100, temperature=0.0)[0, len(prompt) :]
+    expected = cache_free_greedy(model, prompt, 100)
+    assert out.tolist() == expected
+
+
+@pytest.mark.parametrize(("quantize", "dtype"), PRECISIONS)
+def test_a_batch_and_the_sliding_window_equal_cache_free(quantize: str, dtype: str) -> None:
+    model = prepare_for_decoding(tiny_model(4, **SHAPES[0]), quantize, dtype)
+    model.config.block_size = 48  # the window slides twice in 120 tokens
+    prompts = [[3, 1, 4], [1, 5, 9, 2, 6, 5, 3], [5]]
+    params = SamplingParams(temperature=0.0, max_new_tokens=120, ignore_eot=True)
+    got = complete(model, prompts, params)
+    for c, prompt in zip(got, prompts, strict=True):
+        assert c.tokens == cache_free_greedy(model, prompt, 120)
+
+
+def test_bfloat16_weights_are_cast_whole_and_logits_come_back_float32() -> None:
+    model = prepare_for_decoding(tiny_model(5, **SHAPES[0]), dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied
+    engine = KVCacheEngine(model, slots=2, max_len=32)
+    assert engine.cache.k.dtype == torch.float32  # attention runs in float32 on the CPU
+    logits = engine.prefill(0, [1, 2, 3])
+    assert logits.dtype == torch.float32
+    assert engine.decode([0], [4]).dtype == torch.float32
+
+
+def test_bfloat16_logits_stay_close_to_float32() -> None:
+    fp32 = tiny_model(6, **SHAPES[0])
+    idx = torch.randint(0, 64, (2, 40))
+    with torch.no_grad():
+        ref, _ = fp32(idx)
+        got, _ = prepare_for_decoding(fp32, dtype="bfloat16")(idx)
+    # About 12 roundings of 2**-9 on the way through two layers: a few percent, not more.
+    assert (got.float() - ref).norm() < 0.05 * ref.norm()
+
+
+def test_unknown_or_conflicting_precisions_are_refused() -> None:
+    with pytest.raises(UserError, match="unknown dtype 'float64'; choose from float32, bfloat16"):
+        prepare_for_decoding(tiny_model(0, **SHAPES[0]), dtype="float64")
+    with pytest.raises(UserError, match="int8 decoding keeps float32 activations"):
+        prepare_for_decoding(tiny_model(0, **SHAPES[0]), "int8", "bfloat16")
+
+
+# The command line ------------------------------------------------------------------------------
+
+TEXT = "the quick brown fox jumps over the lazy dog. " * 40
+
+
+@pytest.fixture(scope="module")
+def char_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz .")
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=tok.vocab_size)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    return save_checkpoint(tmp_path_factory.mktemp("prec") / "ckpt", model, tok, TrainConfig())
+
+
+def test_sample_in_bfloat16_prints_the_library_s_greedy_text(char_ckpt: Path, capsys) -> None:
+    args = ["sample", "--checkpoint", str(char_ckpt), "--prompt", "the ", "--temperature", "0"]
+    assert main([*args, "--max-new-tokens", "30", "--dtype", "bfloat16"]) == 0
+    out = capsys.readouterr().out
+    c = load_checkpoint(char_ckpt)
+    model = prepare_for_decoding(c.model, dtype="bfloat16")
+    params = SamplingParams(temperature=0.0, max_new_tokens=30)
+    assert out == "the " + complete(model, ["the "], params, c.tokenizer)[0].text + "\n"
+
+
+def eval_perplexity(path: Path, ckpt: Path, tmp_path: Path, *flags: str) -> float:
+    out = tmp_path / f"eval{len(flags)}{'-'.join(flags)}.json"
+    argv = ["eval", "--checkpoint", str(ckpt), "--task", "perplexity", "--data", str(path)]
+    assert main([*argv, "--out", str(out), "-q", *flags]) == 0
+    import json
+
+    return json.loads(out.read_text())["metrics"]["perplexity"]
+
+
+def test_eval_takes_dtype_and_quantize(char_ckpt: Path, tmp_path: Path, capsys) -> None:
+    text = tmp_path / "held_out.txt"
+    text.write_text(TEXT)
+    fp32 = eval_perplexity(text, char_ckpt, tmp_path)
+    bf16 = eval_perplexity(text, char_ckpt, tmp_path, "--dtype", "bfloat16")
+    int8 = eval_perplexity(text, char_ckpt, tmp_path, "--quantize", "int8")
+    assert fp32 != bf16 and fp32 != int8  # each ran in its own precision...
+    assert abs(bf16 / fp32 - 1) < 0.05 and abs(int8 / fp32 - 1) < 0.05  # ...of the same model
+
+
+def test_int8_with_bfloat16_is_one_line_from_the_command_line(char_ckpt: Path, capsys) -> None:
+    argv = ["sample", "--checkpoint", str(char_ckpt), "--quantize", "int8", "--dtype", "bfloat16"]
+    assert main(argv) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "int8 decoding keeps float32 activations" in err
