@@ -15,14 +15,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from cache_free import cache_free_greedy
 
+from gpt2 import native
 from gpt2.checkpoint import load_checkpoint, save_checkpoint
 from gpt2.cli import main
 from gpt2.config import GPTConfig, TrainConfig
 from gpt2.decode_layout import prepare_for_decoding
 from gpt2.errors import UserError
 from gpt2.generate import KVCacheEngine, SamplingParams, complete, generate
+from gpt2.int8 import Int8Linear, int8_linear_reference
 from gpt2.model import GPT
 from gpt2.tokenizer import CharTokenizer
 
@@ -30,7 +33,7 @@ SHAPES = [
     dict(n_layer=2, n_head=2, n_embd=32, vocab_size=64),
     dict(n_layer=3, n_head=4, n_embd=48, vocab_size=97, bias=False),
 ]
-PRECISIONS = [("none", "bfloat16")]
+PRECISIONS = [("none", "float32"), ("none", "bfloat16"), ("int8", "float32")]
 
 
 def tiny_model(seed: int, **shape: int | bool) -> GPT:
@@ -43,37 +46,40 @@ def tiny_model(seed: int, **shape: int | bool) -> GPT:
     return model
 
 
-@pytest.fixture
-def two_threads():
-    """Two torch threads, so that `SplitLinear` cuts the one-row products as it does when
-    decoding for real; the suite's count comes back afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+@pytest.fixture(params=["native", "pytorch"])
+def kernels(request, monkeypatch) -> str:
+    """Each test twice: with the native kernels (`gpt2.native`) and with PyTorch's own."""
+    if request.param == "native":
+        if not native.available():
+            pytest.skip("the native kernels could not be built here")
+    else:
+        monkeypatch.setattr(native, "available", lambda: False)
+    return request.param
 
 
 @pytest.mark.parametrize(("quantize", "dtype"), PRECISIONS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_cached_greedy_equals_cache_free_in_each_precision(
-    two_threads, quantize: str, dtype: str, shape: dict
+    kernels: str, quantize: str, dtype: str, shape: dict
 ) -> None:
     model = prepare_for_decoding(tiny_model(3, **shape), quantize, dtype)
     prompt = [1, 5, 2, 7, 3]
-    out = generate(model, torch.tensor([prompt]), 100, temperature=0.0)[0, len(prompt) :]
-    expected = cache_free_greedy(model, prompt, 100)
+    out = generate(model, torch.tensor([prompt]), 60, temperature=0.0)[0, len(prompt) :]
+    expected = cache_free_greedy(model, prompt, 60)
     assert out.tolist() == expected
 
 
 @pytest.mark.parametrize(("quantize", "dtype"), PRECISIONS)
-def test_a_batch_and_the_sliding_window_equal_cache_free(quantize: str, dtype: str) -> None:
+def test_a_batch_and_the_sliding_window_equal_cache_free(
+    kernels: str, quantize: str, dtype: str
+) -> None:
     model = prepare_for_decoding(tiny_model(4, **SHAPES[0]), quantize, dtype)
-    model.config.block_size = 48  # the window slides twice in 120 tokens
+    model.config.block_size = 32  # the window slides twice in 60 tokens
     prompts = [[3, 1, 4], [1, 5, 9, 2, 6, 5, 3], [5]]
-    params = SamplingParams(temperature=0.0, max_new_tokens=120, ignore_eot=True)
+    params = SamplingParams(temperature=0.0, max_new_tokens=60, ignore_eot=True)
     got = complete(model, prompts, params)
     for c, prompt in zip(got, prompts, strict=True):
-        assert c.tokens == cache_free_greedy(model, prompt, 120)
+        assert c.tokens == cache_free_greedy(model, prompt, 60)
 
 
 def test_bfloat16_weights_are_cast_whole_and_logits_come_back_float32() -> None:
@@ -95,6 +101,49 @@ def test_bfloat16_logits_stay_close_to_float32() -> None:
         got, _ = prepare_for_decoding(fp32, dtype="bfloat16")(idx)
     # About 12 roundings of 2**-9 on the way through two layers: a few percent, not more.
     assert (got.float() - ref).norm() < 0.05 * ref.norm()
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "m"), [(768, 3072, 1), (3072, 768, 5), (48, 97, 20), (100, 7, 3)]
+)
+def test_native_kernels_compute_what_pytorch_computes(k: int, n: int, m: int) -> None:
+    if not native.available():
+        pytest.skip("the native kernels could not be built here")
+    torch.manual_seed(k + n)
+    lin = torch.nn.Linear(k, n)
+    x = torch.randn(m, k) * 3
+    q = Int8Linear(lin.weight, lin.bias)
+    got = torch.ops.gpt2.linear_int8(x, q.qweight, q.scale, q.bias)
+    assert torch.equal(got, int8_linear_reference(x, q.qweight, q.scale, q.bias))  # exact
+    ref = lin(x).detach()
+    assert (got - ref).norm() < 0.02 * ref.norm()  # 8-bit weights and activations
+    # float32: the same sums in another order, float32's rounding (K terms of magnitude ~3)
+    f32 = torch.ops.gpt2.linear(x, lin.weight.detach(), lin.bias.detach(), False)
+    assert torch.allclose(f32, ref, rtol=0, atol=1e-5 * k**0.5 * 3)
+    # bfloat16: float32 sums of exact bf16 products, rounded once, like oneDNN's product
+    xb, wb, bb = x.bfloat16(), lin.weight.detach().bfloat16(), lin.bias.detach().bfloat16()
+    exact = F.linear(xb.double(), wb.double(), bb.double())
+    bf16 = torch.ops.gpt2.linear(xb, wb, bb, False)
+    assert bf16.dtype == torch.bfloat16
+    assert torch.equal(bf16, exact.bfloat16()) or (bf16.double() - exact).abs().max() <= (
+        exact.abs().max() * 2**-8
+    )
+    logits = torch.ops.gpt2.linear(xb, wb, bb, True)  # float32 output: not rounded to bf16
+    assert logits.dtype == torch.float32
+    assert torch.allclose(logits.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+def test_the_native_layout_keeps_names_tying_and_tokens(kernels: str) -> None:
+    model = tiny_model(7, **SHAPES[0])
+    prompt = torch.tensor([[1, 2, 3]])
+    tokens = generate(model, prompt, 40, temperature=0.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prepare_for_decoding(model)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert (getattr(model, "native_step", None) is not None) == (kernels == "native")
+    assert torch.equal(generate(model, prompt, 40, temperature=0.0), tokens)
 
 
 def test_unknown_or_conflicting_precisions_are_refused() -> None:

@@ -66,6 +66,10 @@ class KVCacheEngine:
         with torch.inference_mode():  # the cache is only ever touched in inference mode
             self.cache = KVCache.for_model(model, slots, max_len or block_size)
         self.device = self.cache.device
+        # A model prepared with the native kernels decodes each step in one call (prefills
+        # still run its forward).
+        step = getattr(model, "native_step", None)
+        self.native_step = step if step is not None and step.supports(self.cache) else None
         # The tokens in each slot's cache, kept to rebuild it when the window slides.
         self.tokens: list[list[int]] = [[] for _ in range(slots)]
 
@@ -137,11 +141,14 @@ class KVCacheEngine:
         out = torch.empty((len(slots), V), device=self.device)
         if batch:
             rows = [slots[i] for i in batch]
-            idx = torch.tensor([[ids[i]] for i in batch], dtype=torch.long, device=self.device)
-            logits = self._logits(idx, rows)  # (B, 1, V)
+            if self.native_step is not None:
+                last = self.native_step(cache, rows, [ids[i] for i in batch])  # (B, V)
+            else:
+                idx = torch.tensor([[ids[i]] for i in batch], dtype=torch.long, device=self.device)
+                last = self._logits(idx, rows)[:, -1, :]  # (B, V)
             if len(batch) == len(slots):
-                return mask_ids_from(logits[:, -1, :], self.vocab_limit)
-            out[batch] = mask_ids_from(logits[:, -1, :], self.vocab_limit).to(out.dtype)
+                return mask_ids_from(last, self.vocab_limit)
+            out[batch] = mask_ids_from(last, self.vocab_limit).to(out.dtype)
         for i in slide:
             slot = slots[i]
             keep = self.tokens[slot][-self.window_keep :]

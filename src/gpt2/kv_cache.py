@@ -157,6 +157,22 @@ class KVCache:
         self.attn_mask, self.is_causal = visible[:, None], False  # (B, 1, T, L)
         return (write - start_t[:, None]).clamp_(min=0)  # (B, T); padding gets position 0
 
+    def advance(self, rows: list[int]) -> tuple[list[int], list[int], list[int]]:
+        """One new position in each of ``rows``, for a caller that writes the cache itself
+        (`gpt2.native_step`): each row's position id, the index its token goes to, and the
+        first index it attends to."""
+        start, end = self.start, self.end
+        for r in rows:
+            if end[r] + 1 > self.max_len:
+                raise ValueError(f"cache row {r} is full: {end[r]} + 1 > {self.max_len} positions")
+            if end[r] - start[r] + 1 > self.block_size:
+                raise ValueError(f"cache row {r} would pass the context {self.block_size}")
+        write = [end[r] for r in rows]
+        first = [start[r] for r in rows]
+        for r in rows:
+            end[r] += 1
+        return [w - s for w, s in zip(write, first, strict=True)], write, first
+
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
