@@ -11,6 +11,9 @@ bfloat16 logits made them differ by 0.01-0.1 at every step, and these tests fail
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,7 +90,7 @@ def test_bfloat16_weights_are_cast_whole_and_logits_come_back_float32() -> None:
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.lm_head.weight is model.transformer.wte.weight  # still tied
     engine = KVCacheEngine(model, slots=2, max_len=32)
-    assert engine.cache.k.dtype == torch.float32  # attention runs in float32 on the CPU
+    assert engine.cache.k.dtype == torch.bfloat16  # half the bytes of float32, nothing lost
     logits = engine.prefill(0, [1, 2, 3])
     assert logits.dtype == torch.float32
     assert engine.decode([0], [4]).dtype == torch.float32
@@ -185,8 +188,6 @@ def eval_perplexity(path: Path, ckpt: Path, tmp_path: Path, *flags: str) -> floa
     out = tmp_path / f"eval{len(flags)}{'-'.join(flags)}.json"
     argv = ["eval", "--checkpoint", str(ckpt), "--task", "perplexity", "--data", str(path)]
     assert main([*argv, "--out", str(out), "-q", *flags]) == 0
-    import json
-
     return json.loads(out.read_text())["metrics"]["perplexity"]
 
 
@@ -205,3 +206,30 @@ def test_int8_with_bfloat16_is_one_line_from_the_command_line(char_ckpt: Path, c
     assert main(argv) != 0
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [err] and "int8 decoding keeps float32 activations" in err
+
+
+def test_serve_in_bfloat16_answers_with_the_library_s_greedy_text(char_ckpt: Path) -> None:
+    """``gpt2 serve --dtype bfloat16`` as a process: its greedy completion is the library's."""
+    pytest.importorskip("fastapi")
+    import httpx
+
+    c = load_checkpoint(char_ckpt)
+    model = prepare_for_decoding(c.model, dtype="bfloat16")
+    params = SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eot=True)
+    want = complete(model, ["the "], params, c.tokenizer)[0].text
+    cmd = [sys.executable, "-m", "gpt2", "serve", "--checkpoint", str(char_ckpt), "--port", "0"]
+    proc = subprocess.Popen([*cmd, "--dtype", "bfloat16"], stderr=subprocess.PIPE, text=True)
+    try:
+        url = None
+        for line in proc.stderr:  # "serving ckpt on http://127.0.0.1:PORT (playground at /)"
+            if "serving" in line:
+                url = line.split(" on ")[1].split()[0]
+                break
+        assert url is not None, "the server did not start"
+        body = {"prompt": "the ", "max_tokens": 12, "temperature": 0}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == want
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -67,14 +67,9 @@ class KVCache:
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch: int, max_len: int | None = None) -> KVCache:
-        """A cache shaped for ``model`` (a `GPT`), on its device and in its dtype, except that
-        a bfloat16 model on the CPU keeps float32 keys and values: its attention is computed
-        in float32 (`gpt2.model.CausalSelfAttention`), and reading float32 costs less than
-        casting the whole cache up in every layer of every step."""
+        """A cache shaped for ``model`` (a `GPT`), on its device and in its dtype."""
         p = model.transformer.wte.weight
         dtype = p.dtype if p.dtype.is_floating_point else torch.float32
-        if dtype == torch.bfloat16 and p.device.type == "cpu":
-            dtype = torch.float32
         return cls(model.config, batch, max_len or model.config.block_size, p.device, dtype)
 
     @property

@@ -61,12 +61,14 @@ class CausalSelfAttention(nn.Module):
             ).to(dtype)  # (B, nh, T, hs)
         else:
             # Decoding: the T new positions attend to every earlier key of their row, kept in
-            # the cache; the mask also hides a row's left padding. Attention runs in the
-            # cache's dtype (float32 for a bf16 model on the CPU, as above; `KVCache`).
+            # the cache; the mask also hides a row's left padding. In float32 for bf16 on the
+            # CPU, as above.
             k, v = cache.update(layer, k, v)  # (B, nh, L, hs), L >= T
             dtype = q.dtype
+            if dtype == torch.bfloat16 and q.device.type == "cpu":
+                q, k, v = q.float(), k.float(), v.float()
             y = F.scaled_dot_product_attention(
-                q.to(k.dtype), k, v, attn_mask=cache.attn_mask, is_causal=cache.is_causal
+                q, k, v, attn_mask=cache.attn_mask, is_causal=cache.is_causal
             ).to(dtype)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))

@@ -56,7 +56,7 @@ class NativeDecodeStep:
 
     @staticmethod
     def supports(cache: KVCache) -> bool:
-        return cache.k.dtype == torch.float32 and cache.k.device.type == "cpu"
+        return cache.k.dtype in (torch.float32, torch.bfloat16) and cache.k.device.type == "cpu"
 
     def __call__(self, cache: KVCache, rows: list[int], ids: list[int]) -> torch.Tensor:
         pos, write, start = cache.advance(rows)

@@ -187,31 +187,50 @@ struct Rows {
   const int64_t* start;  // first cache index it attends to (left padding before)
 };
 
+// Keys and values in the cache: float32, or bfloat16 for a bfloat16 model (its keys and values
+// are bfloat16 values already, so storing them so loses nothing and halves what attention reads).
+inline float cached(const float* p, int64_t i) { return p[i]; }
+inline float cached(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
+inline void put(float* p, const float* v, int64_t n) { std::memcpy(p, v, n * sizeof(float)); }
+inline void put(uint16_t* p, const float* v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, v + i, sizeof bits);
+    p[i] = static_cast<uint16_t>(bits >> 16);  // exact: v holds bfloat16 values
+  }
+}
+
 // The new keys and values into the cache, then softmax(q k^T / sqrt(hs)) v for each sequence
-// and head over cache indices start..write; y (B, C). Three passes, each over (sequence, head)
-// pairs: the scores, one softmax over all of them (ATen's, vectorized; keys a sequence does
-// not see are -inf), the weighted sum of values.
+// and head over cache indices start..write, in float32; y (B, C). Three passes, each over
+// (sequence, head) pairs: the scores, one softmax over all of them (ATen's, vectorized; keys a
+// sequence does not see are -inf), the weighted sum of values.
+template <typename T>
 void attention(const Model& m, int64_t layer, const float* qkv, int64_t B, const Rows& r,
-               at::Tensor& kc, at::Tensor& vc, float* y) {
+               T* kp, T* vp, int64_t R, int64_t T_len, float* y) {
   const int64_t C = m.C, nh = m.n_head, hs = C / nh;
-  const int64_t R = kc.size(1), T = kc.size(3);
-  float* kp = kc.data_ptr<float>();
-  float* vp = vc.data_ptr<float>();
   const float scale = 1.f / std::sqrt(static_cast<float>(hs));
   int64_t L = 0;  // keys in the longest row: scores are (B * nh, L), left-aligned at start
   for (int64_t b = 0; b < B; ++b) L = std::max(L, r.write[b] - r.start[b] + 1);
-  at::Tensor scores = at::empty({B * nh, L}, kc.options());
+  at::Tensor scores = at::empty({B * nh, L}, at::TensorOptions().dtype(at::kFloat));
   float* sp = scores.data_ptr<float>();
-  auto cache_at = [&](int64_t b, int64_t h) { return (((layer * R) + r.row[b]) * nh + h) * T * hs; };
+  auto cache_at = [&](int64_t b, int64_t h) {
+    return (((layer * R) + r.row[b]) * nh + h) * T_len * hs;
+  };
   at::parallel_for(0, B * nh, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t b = p / nh, h = p % nh, base = cache_at(b, h);
       const float* q = qkv + b * 3 * C + h * hs;
-      std::memcpy(kp + base + r.write[b] * hs, q + C, hs * sizeof(float));
-      std::memcpy(vp + base + r.write[b] * hs, q + 2 * C, hs * sizeof(float));
+      put(kp + base + r.write[b] * hs, q + C, hs);
+      put(vp + base + r.write[b] * hs, q + 2 * C, hs);
       const int64_t lo = r.start[b], n = r.write[b] - lo + 1;
       float* row = sp + p * L;
-      for (int64_t t = 0; t < n; ++t) row[t] = dot_f32(q, kp + base + (lo + t) * hs, hs) * scale;
+      for (int64_t t = 0; t < n; ++t) {
+        const T* kt = kp + base + (lo + t) * hs;
+        float s = 0.f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t c = 0; c < hs; ++c) s += q[c] * cached(kt, c);
+        row[t] = s * scale;
+      }
       std::fill(row + n, row + L, -INFINITY);
     }
   });
@@ -225,16 +244,27 @@ void attention(const Model& m, int64_t layer, const float* qkv, int64_t B, const
       float* out = y + b * C + h * hs;
       std::fill(out, out + hs, 0.f);
       for (int64_t t = 0; t < n; ++t) {
-        const float* vt = vp + base + (lo + t) * hs;
+        const T* vt = vp + base + (lo + t) * hs;
         const float wt = w[t];
 #pragma omp simd
-        for (int64_t c = 0; c < hs; ++c) out[c] += wt * vt[c];
+        for (int64_t c = 0; c < hs; ++c) out[c] += wt * cached(vt, c);
       }
       if (m.kind == Kind::bf16) {
         for (int64_t c = 0; c < hs; ++c) out[c] = round_bf16(out[c]);
       }
     }
   });
+}
+
+void attention(const Model& m, int64_t layer, const float* qkv, int64_t B, const Rows& r,
+               at::Tensor& kc, at::Tensor& vc, float* y) {
+  const int64_t R = kc.size(1), T = kc.size(3);
+  if (kc.scalar_type() == at::kBFloat16) {
+    attention(m, layer, qkv, B, r, reinterpret_cast<uint16_t*>(kc.data_ptr<at::BFloat16>()),
+              reinterpret_cast<uint16_t*>(vc.data_ptr<at::BFloat16>()), R, T, y);
+  } else {
+    attention(m, layer, qkv, B, r, kc.data_ptr<float>(), vc.data_ptr<float>(), R, T, y);
+  }
 }
 
 float read(const at::Tensor& t, int64_t i) {
@@ -258,9 +288,12 @@ struct DecodeModel : torch::CustomClassHolder {
   at::Tensor step(const at::Tensor& ids, const at::Tensor& pos, const at::Tensor& rows,
                   const at::Tensor& write, const at::Tensor& start, at::Tensor k_cache,
                   at::Tensor v_cache) {
-    TORCH_CHECK(k_cache.scalar_type() == at::kFloat && k_cache.is_contiguous() &&
+    const auto ct = k_cache.scalar_type();
+    TORCH_CHECK((ct == at::kFloat || (ct == at::kBFloat16 && m.kind == Kind::bf16)) &&
+                    v_cache.scalar_type() == ct && k_cache.is_contiguous() &&
                     v_cache.is_contiguous() && k_cache.dim() == 5,
-                "the cache must be contiguous float32 (n_layer, rows, n_head, max_len, head_size)");
+                "the cache must be contiguous (n_layer, rows, n_head, max_len, head_size), "
+                "float32 or (for a bfloat16 model) bfloat16");
     const int64_t B = ids.numel(), C = m.C;
     for (auto* t : {&ids, &pos, &rows, &write, &start}) {
       TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->numel() == B,
