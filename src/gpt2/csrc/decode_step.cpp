@@ -12,8 +12,12 @@
 //
 // The products are the kernels of kernels.h, threads taking blocks of weight rows; attention
 // takes (sequence, head) pairs per thread. Everything else is per row and tiny.
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/softmax.h>
 #include <c10/util/BFloat16.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>

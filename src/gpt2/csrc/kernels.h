@@ -2,8 +2,8 @@
 // whole decode step (decode_step.cpp). See linear_ops.cpp for what they compute and why.
 #pragma once
 
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>

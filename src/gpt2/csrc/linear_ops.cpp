@@ -19,8 +19,10 @@
 //
 // Loops without those instructions are plain C++ that the compiler vectorizes; they give the same
 // float32 results up to the order of the sum, and exactly the same int8 results.
-#include <ATen/ATen.h>
+// Only the headers used: all of ATen.h doubles the build (bench/NOTES.md).
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
