@@ -85,6 +85,21 @@ def test_a_batch_and_the_sliding_window_equal_cache_free(
         assert c.tokens == cache_free_greedy(model, prompt, 60)
 
 
+@pytest.mark.parametrize(("quantize", "dtype"), PRECISIONS)
+def test_a_native_step_does_not_depend_on_the_rest_of_its_batch(quantize: str, dtype: str) -> None:
+    if not native.available():
+        pytest.skip("the native kernels could not be built here")
+    model = prepare_for_decoding(tiny_model(8, **SHAPES[1]), quantize, dtype)
+    prompts = [[1 + i, 2, 3 + i, 4][: 1 + i % 4] for i in range(8)]
+    batch, alone = KVCacheEngine(model, 8, 32), KVCacheEngine(model, 1, 32)
+    for slot, prompt in enumerate(prompts):
+        batch.prefill(slot, prompt)  # one by one: the same prefill as alone
+    alone.prefill(0, prompts[5])
+    for token in (7, 3, 9, 1):
+        together = batch.decode(list(range(8)), [token] * 8)
+        assert torch.equal(together[5], alone.decode([0], [token])[0])  # to the bit
+
+
 def test_bfloat16_weights_are_cast_whole_and_logits_come_back_float32() -> None:
     model = prepare_for_decoding(tiny_model(5, **SHAPES[0]), dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

@@ -124,7 +124,8 @@ def available() -> bool:
             build(cxx, folder)
         torch.ops.load_library(str(library))
     except (OSError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        first = next((line for line in lines if "error" in line), lines[0])
         log.warning("decoding kernels: build failed (%s); using PyTorch's own, slower", first)
         return False
     return True

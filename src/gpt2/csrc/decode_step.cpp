@@ -33,6 +33,19 @@ enum class Kind { f32, bf16, int8 };
 
 inline float round_bf16(float v) { return static_cast<float>(c10::BFloat16(v)); }
 
+// A scratch array on torch's allocator, which aligns to 64 bytes: the kernels' 64-byte loads of
+// activations then never straddle two cache lines (std::vector aligns to 16).
+template <typename T>
+struct Scratch {
+  at::Tensor t;
+  T* p;
+  explicit Scratch(int64_t n)
+      : t(at::empty({n * static_cast<int64_t>(sizeof(T))}, at::TensorOptions().dtype(at::kByte))),
+        p(reinterpret_cast<T*>(t.data_ptr<uint8_t>())) {}
+  T* data() { return p; }
+  T& operator[](int64_t i) { return p[i]; }
+};
+
 // float32 (values) or bfloat16 (storage) of a parameter vector, read as float32.
 std::vector<float> floats(const c10::optional<at::Tensor>& t, int64_t n, float fill) {
   std::vector<float> out(n, fill);
@@ -117,7 +130,7 @@ void product(const Model& m, const Linear& L, const float* x, int64_t B, float* 
   const int64_t N = L.N, K = L.K;
   const float* bias = L.has_bias ? L.bias.data() : nullptr;
   if (m.kind == Kind::int8) {
-    std::vector<int8_t> q(B * K);
+    Scratch<int8_t> q(B * K);
     std::vector<float> xs(B);
     std::vector<int32_t> off(B);
     for (int64_t b = 0; b < B; ++b) xs[b] = quantize_row(x + b * K, K, q.data() + b * K, &off[b]);
@@ -138,7 +151,7 @@ void product(const Model& m, const Linear& L, const float* x, int64_t B, float* 
     });
     return;
   }
-  std::vector<uint16_t> xb(B * K);  // the bf16 values exactly: their top 16 bits
+  Scratch<uint16_t> xb(B * K);  // the bf16 values exactly: their top 16 bits
   for (int64_t i = 0; i < B * K; ++i) {
     uint32_t bits;
     std::memcpy(&bits, x + i, sizeof bits);
@@ -304,7 +317,7 @@ struct DecodeModel : torch::CustomClassHolder {
                   "ids, positions and cache indices: one int64 per sequence");
     }
     const Rows r{rows.data_ptr<int64_t>(), write.data_ptr<int64_t>(), start.data_ptr<int64_t>()};
-    std::vector<float> x(B * C), h(B * C), qkv(B * 3 * C), a(B * C), f(B * 4 * C);
+    Scratch<float> x(B * C), h(B * C), qkv(B * 3 * C), a(B * C), f(B * 4 * C);
     const int64_t* idp = ids.data_ptr<int64_t>();
     const int64_t* pp = pos.data_ptr<int64_t>();
     for (int64_t b = 0; b < B; ++b) {

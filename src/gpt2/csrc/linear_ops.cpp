@@ -6,9 +6,9 @@
 // against llama.cpp"); these loops stream each thread's share of the rows.
 //
 // Every weight is (N, K), row-major, as nn.Linear stores it: output n is a dot product of the
-// input rows with weight row n. Threads take contiguous blocks of rows; each block is read once
-// for all the input rows. Each output is one sum in float32 over k in order of k's blocks, the
-// same whatever the number of rows or threads, so a row's result never depends on its batch.
+// input rows with weight row n. Threads take contiguous blocks of rows; each weight row is read
+// from memory once for all the input rows. Each output is a float32 sum in an order that does not
+// depend on the number of rows or threads, so a row's result never depends on its batch.
 //
 // - float32: fused multiply-adds.
 // - bfloat16: pairs of bf16 products summed into float32 (AVX512-BF16's vdpbf16ps where the CPU
