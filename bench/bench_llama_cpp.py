@@ -21,7 +21,8 @@ The sides alternate within every round, so a machine shared with other work slow
 ``--rounds`` rounds, each ratio the median of the per-round ratios. The load average is printed
 with each round. Physical limits beside each figure: a token's weight bytes (every weight once,
 the position table not; GGUF: the tensors' own sizes) over the read bandwidth measured in the
-same run (a sum over 1 GiB, all threads, best of 5); batch 8 reads them once for 8 tokens; time
+same run (the faster of torch's sum and the native one-row product over 1 GiB, all threads,
+best of 5); batch 8 reads them once for 8 tokens; time
 to first token: the larger of the bytes over bandwidth and the prompt's FLOPs over the same
 run's best square product in the precision (int8: float32's, for want of a better one).
 
@@ -45,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from gpt2 import native
 from gpt2.checkpoint import load_model, save_checkpoint
 from gpt2.cli import main as gpt2_main
 from gpt2.config import GPTConfig, TrainConfig
@@ -56,7 +58,7 @@ from gpt2.sampling import Sampler, SamplingParams
 from gpt2.tokenizer import GPT2Tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import read_bandwidth_gbs, weight_bytes_per_token  # noqa: E402
+from bench_generate import weight_bytes_per_token  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # ours (quantize, dtype) and the GGUF type of the same precision
@@ -82,6 +84,30 @@ def loadavg() -> str:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
     except OSError:
         return "n/a"
+
+
+def read_bandwidth(gib: float = 1.0, tries: int = 5) -> tuple[float, str]:
+    """GB/s of the fastest of a few ways to read a buffer far larger than the caches, all
+    threads, best of ``tries``: torch's sum, and (when built) the native kernel's one-row product
+    over the buffer as a (rows, 4096) matrix. Which one won is returned too."""
+    x = torch.ones(int(gib * 2**30) // 4)
+    probes = {"torch sum": lambda: x.sum()}
+    if native.available():
+        w, v = x.view(-1, 4096), torch.ones(1, 4096)
+        probes["native one-row product"] = lambda: torch.ops.gpt2.linear(v, w, None, False)
+    best = {}
+    for name, fn in probes.items():
+        fn()
+        seconds = min(timed(fn) for _ in range(tries))
+        best[name] = x.numel() * 4 / seconds / 1e9
+    name = max(best, key=best.get)
+    return best[name], name
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def find_llama_cpp(build: bool) -> tuple[Path | None, str]:
@@ -215,10 +241,10 @@ def main() -> None:
     flags = sorted(f for f in cpu_flags() if f in ("avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8"))  # fmt: skip
     print(f"CPU: {cpu_name()} ({os.cpu_count()} cores; {' '.join(flags)}); threads {args.threads}; "
           f"torch {torch.__version__}; load average {loadavg()}")  # fmt: skip
-    bandwidth = read_bandwidth_gbs()
+    bandwidth, probe = read_bandwidth()
     peaks = {"fp32": cpu_peak_flops(torch.float32), "bf16": cpu_peak_flops(torch.bfloat16)}
     peaks["int8"] = peaks["fp32"]
-    print(f"read bandwidth {bandwidth:.1f} GB/s; best square product fp32 {peaks['fp32'] / 1e9:.0f}, "
+    print(f"read bandwidth {bandwidth:.1f} GB/s ({probe}); best square product fp32 {peaks['fp32'] / 1e9:.0f}, "
           f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")  # fmt: skip
     llama_dir, why = find_llama_cpp(args.build)
     try:
@@ -254,10 +280,11 @@ def main() -> None:
             figures["loadavg"] = loadavg()  # type: ignore[assignment]
             rounds.append(figures)
             print(f"round {r + 1}/{args.rounds} done, load average {figures['loadavg']}")
-    report(rounds, limits, precisions, llama_dir is not None, args, bandwidth, peaks, why)
+    machine = {"bandwidth_gbs": bandwidth, "bandwidth_probe": probe, "peak_gflops": {k: v / 1e9 for k, v in peaks.items()}}  # fmt: skip
+    report(rounds, limits, precisions, llama_dir is not None, args, machine, why)
 
 
-def report(rounds, limits, precisions, with_llama, args, bandwidth, peaks, why) -> None:
+def report(rounds, limits, precisions, with_llama, args, machine, why) -> None:
     """Medians over rounds, each beside its bound; the ratios; one JSON line."""
     sides = [s for s in rounds[0] if s != "loadavg"]
     medians = {
@@ -293,8 +320,7 @@ def report(rounds, limits, precisions, with_llama, args, bandwidth, peaks, why) 
         print(f"skipped: llama.cpp: {why}")
     summary = {
         "bench": "llama_cpp", "cpu": cpu_name(), "cores": os.cpu_count(), "threads": args.threads,
-        "torch": torch.__version__, "bandwidth_gbs": bandwidth,
-        "peak_gflops": {k: v / 1e9 for k, v in peaks.items()}, "rounds": rounds,
+        "torch": torch.__version__, **machine, "rounds": rounds,
         "medians": medians, "bounds": limits, "ratios": ratios,
         "llama_cpp": "measured" if with_llama else f"skipped: {why}",
     }  # fmt: skip
