@@ -61,7 +61,7 @@ def read_bandwidth_gbs(gib: float = 1.0, tries: int = 5) -> float:
 
 def weight_bytes_per_token(model: GPT) -> int:
     """Bytes a decode step reads: every parameter and buffer once, but one row of the position
-    table; the int8 modules' packed weights counted at one byte each plus fp32 biases."""
+    table; int8 modules' weights (buffers) at one byte each plus their float32 scales and biases."""
     n = 0
     seen: set[int] = set()
     for name, p in model.named_parameters():
@@ -69,12 +69,11 @@ def weight_bytes_per_token(model: GPT) -> int:
             continue
         seen.add(id(p))
         # The embedding is only looked up when the head is int8 (it has its own copy then).
-        if name.endswith("wte.weight") and hasattr(model.lm_head, "_packed"):
+        if name.endswith("wte.weight") and "qweight" in model.lm_head._buffers:
             continue
         n += p.numel() * p.element_size()
-    for module in model.modules():
-        if hasattr(module, "_packed"):
-            n += module.in_features * module.out_features + module.out_features * 4
+    for b in model.buffers():
+        n += b.numel() * b.element_size()
     return n
 
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 from cache_free import cache_free_greedy
 
+from gpt2 import native
 from gpt2.beam_search import beam_search
 from gpt2.config import GPTConfig
 from gpt2.decode_layout import DecodeLayerNorm, SplitLinear, pin_submodules, prepare_for_decoding
@@ -471,7 +472,13 @@ def test_beam_search_finishes_beams_at_end_of_text() -> None:
 # Quantized and re-laid-out weights ---------------------------------------------------------------
 
 
-def test_decode_layout_changes_storage_not_values_or_names() -> None:
+@pytest.fixture
+def pytorch_kernels(monkeypatch) -> None:
+    """The layout `prepare_for_decoding` uses without the native kernels (`gpt2.native`)."""
+    monkeypatch.setattr(native, "available", lambda: False)
+
+
+def test_decode_layout_changes_storage_not_values_or_names(pytorch_kernels) -> None:
     model = tiny_model(18)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     tokens = generate(model, torch.tensor([[1, 2, 3]]), 40, temperature=0.0)
@@ -576,7 +583,9 @@ def test_pinned_submodules_follow_a_replacement() -> None:
     assert block.ln_1 is identity and block._modules["ln_1"] is identity
 
 
-def test_prepare_for_decoding_with_two_threads_keeps_tokens_names_and_tying(threads) -> None:
+def test_prepare_for_decoding_with_two_threads_keeps_tokens_names_and_tying(
+    threads, pytorch_kernels
+) -> None:
     threads(2)
     model = tiny_model(20)
     prompt = torch.tensor([[1, 2, 3]])

@@ -66,6 +66,10 @@ class KVCacheEngine:
         with torch.inference_mode():  # the cache is only ever touched in inference mode
             self.cache = KVCache.for_model(model, slots, max_len or block_size)
         self.device = self.cache.device
+        # A model prepared with the native kernels decodes each step in one call (prefills
+        # still run its forward).
+        step = getattr(model, "native_step", None)
+        self.native_step = step if step is not None and step.supports(self.cache) else None
         # The tokens in each slot's cache, kept to rebuild it when the window slides.
         self.tokens: list[list[int]] = [[] for _ in range(slots)]
 
@@ -76,11 +80,12 @@ class KVCacheEngine:
         (version counters, view records) on the dozens of small views and in-place cache writes
         of a step, a few percent of a GPT-2 124M decode step on the CPU (bench/NOTES.md). A
         tensor made in inference mode cannot be changed outside it, so the logits come back as
-        an ordinary copy (B x V floats: little next to the step).
+        an ordinary copy (B x V floats: little next to the step), in float32 whatever the
+        model's dtype: the sampler's softmax, penalties and log probabilities work in it.
         """
         with torch.inference_mode():
             logits, _ = self.model(idx, cache=self.cache.select(rows), last_only=last_only)
-        return logits.clone()
+        return logits.to(torch.float32, copy=True)
 
     def prefill(self, slot: int, ids: Sequence[int], all_positions: bool = False) -> torch.Tensor:
         """Put ``ids`` in the (free) ``slot``; logits (T, V) for every position, or (1, V)."""
@@ -136,11 +141,14 @@ class KVCacheEngine:
         out = torch.empty((len(slots), V), device=self.device)
         if batch:
             rows = [slots[i] for i in batch]
-            idx = torch.tensor([[ids[i]] for i in batch], dtype=torch.long, device=self.device)
-            logits = self._logits(idx, rows)  # (B, 1, V)
+            if self.native_step is not None:
+                last = self.native_step(cache, rows, [ids[i] for i in batch])  # (B, V)
+            else:
+                idx = torch.tensor([[ids[i]] for i in batch], dtype=torch.long, device=self.device)
+                last = self._logits(idx, rows)[:, -1, :]  # (B, V)
             if len(batch) == len(slots):
-                return mask_ids_from(logits[:, -1, :], self.vocab_limit)
-            out[batch] = mask_ids_from(logits[:, -1, :], self.vocab_limit).to(out.dtype)
+                return mask_ids_from(last, self.vocab_limit)
+            out[batch] = mask_ids_from(last, self.vocab_limit).to(out.dtype)
         for i in slide:
             slot = slots[i]
             keep = self.tokens[slot][-self.window_keep :]

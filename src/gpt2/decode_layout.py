@@ -1,27 +1,21 @@
-"""The model laid out for fast decoding on the CPU: fp32 weights read in their fastest layout
-(and split across threads), or int8 weights.
+"""The model laid out for fast decoding: its precision (float32, bfloat16, int8) and, on the
+CPU, the kernels that read its weights.
 
 Decoding one sequence multiplies a single row of activations by every weight matrix once per
 token: the time is the time to read the weights from memory (about 0.5 GB per token for GPT-2
-124M in fp32). Two ways to read them faster, both applied in place to a model used only for
-inference (`prepare_for_decoding`):
+124M in float32, half in bfloat16, a quarter in int8). `prepare_for_decoding` applies, in place,
+to a model used only for inference:
 
-- ``decode_layout``: every ``nn.Linear`` weight keeps its shape, name and values but is *stored*
-  with its longer side contiguous: the wide layers, the tied 50257 x 768 output head included,
-  as (in, out) in memory, the others as the usual (out, in): MKL streams a wide weight for one
-  row of input faster when its contiguous rows are long (figures: bench/NOTES.md). The embedding
-  lookup reads the head's storage with a stride, one row per token: negligible.
-- ``SplitLinear``: with two or more torch threads, each ``nn.Linear`` multiplies its few rows
-  of input by the weight in ``p`` contiguous blocks at once, one ``torch.bmm`` of ``p``
-  products: blocks of the input side for a weight stored (in, out) (then a sum of ``p`` partial
-  rows), of the output side for one stored (out, in). MKL runs a one-row product on a single
-  core, and one core reads less of the memory bandwidth than two (bench/NOTES.md); the blocks
-  let every thread stream its own part of the weight.
-- ``int8``: each ``nn.Linear`` becomes `Int8Linear`: weights in int8 with one scale per output
-  channel (4x fewer bytes than fp32), activations quantized per tensor on the fly (dynamic
-  quantization, PyTorch's fbgemm/x86 kernels). The output head gets an int8 copy of the token
-  embedding; the embedding itself stays fp32 for the lookup. Quality cost: bench/NOTES.md reports
-  perplexity before and after.
+- the precision: ``dtype`` casts every parameter (bfloat16's logits stay float32:
+  `Float32Head`); ``quantize="int8"`` makes each ``nn.Linear`` an `gpt2.int8.Int8Linear`, the
+  output head an int8 copy of the token embedding (the embedding stays float32 for the lookup).
+- with the native kernels (`gpt2.native`, compiled on first use where a C++ compiler exists):
+  each ``nn.Linear`` becomes a `NativeLinear`, and each decode step runs in one native call
+  (`gpt2.native_step`); prefills and evaluations still run ``forward``.
+- without them, float32 on the CPU: ``decode_layout`` stores the wide weights (the tied
+  50257 x 768 head included) (in, out) in memory, which MKL streams faster for one row of input,
+  and `SplitLinear` cuts each product into one contiguous block per thread, since MKL runs a
+  one-row product on a single core (figures for both: bench/NOTES.md).
 
 A model prepared this way still runs the ordinary forward pass, with or without a KV cache; it is
 not meant to be trained further or saved (its dropout modules are gone, see `without_dropout`, and
@@ -30,17 +24,36 @@ int8 modules have no ``weight`` parameter).
 
 from __future__ import annotations
 
-import warnings
+import logging
 from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gpt2 import native
+from gpt2.device import cpu_has_native_bf16
 from gpt2.errors import UserError
+from gpt2.int8 import Int8Linear
 from gpt2.model import GPT
+from gpt2.native_step import NativeDecodeStep
+
+log = logging.getLogger(__name__)
 
 QUANTIZE_MODES = ("none", "int8")
+DECODE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def decode_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """The torch dtype for a name of `DECODE_DTYPES` (or a dtype), refused in one line if it is
+    not one of them."""
+    if isinstance(dtype, str):
+        if dtype not in DECODE_DTYPES:
+            raise UserError(f"unknown dtype {dtype!r}; choose from {', '.join(DECODE_DTYPES)}")
+        return DECODE_DTYPES[dtype]
+    if dtype not in DECODE_DTYPES.values():
+        raise UserError(f"decoding runs in {' or '.join(DECODE_DTYPES)}, not {dtype}")
+    return dtype
 
 
 class SplitLinear(nn.Module):
@@ -159,6 +172,47 @@ class SplitLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {how}"
 
 
+class Float32Head(nn.Module):
+    """The output head of a bfloat16 model, giving float32 logits.
+
+    A bfloat16 product rounds each logit to 8 bits of mantissa (steps of 1/32 at a logit of 5),
+    which makes exact ties among the best of 50257 logits common, and greedy decoding then
+    depends on the order of a sum. Here each block of ``chunk`` vocabulary rows is cast to
+    float32 and multiplied: every logit is a float32 sum of exact products of the bfloat16
+    values, never rounded to bfloat16. The block keeps the cast copy small (12 MB at GPT-2's
+    width), so the head still reads its bfloat16 weight once. Same (tied) ``weight`` parameter.
+    """
+
+    chunk = 4096
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight = linear.weight  # (vocab, n_embd): tied to the embedding
+        self.register_parameter("bias", linear.bias)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        params = self._parameters
+        return float32_logits(x, params["weight"], params["bias"], self.chunk)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, float32 logits"
+
+
+def float32_logits(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, chunk: int = 4096
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` in float32 for a reduced-precision weight, a block of
+    ``chunk`` weight rows cast at a time (see `Float32Head`)."""
+    x32 = x.float()
+    out = x32.new_empty((*x.shape[:-1], weight.size(0)))
+    for start in range(0, weight.size(0), chunk):
+        rows = slice(start, start + chunk)
+        b = None if bias is None else bias[rows].float()
+        out[..., rows] = F.linear(x32, weight[rows].float(), b)
+    return out
+
+
 def replace_modules(
     model: GPT, kind: type[nn.Module], make: Callable[[nn.Module], nn.Module]
 ) -> GPT:
@@ -200,37 +254,59 @@ def decode_layout(model: GPT) -> GPT:
     return model
 
 
-class Int8Linear(nn.Module):
-    """``y = x W^T + b`` with W in int8 (per output channel) and x quantized on the fly."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        w = weight.detach().float().contiguous()  # (out, in)
-        self.in_features, self.out_features = w.size(1), w.size(0)
-        # Symmetric per-channel: each output row maps its largest magnitude to 127.
-        scale = (w.abs().amax(dim=1) / 127.0).clamp_(min=1e-12)  # (out,)
-        zero = torch.zeros(self.out_features, dtype=torch.long)
-        with warnings.catch_warnings():
-            # Quantized tensors are deprecated in favour of torchao, which has no CPU kernel as
-            # fast as fbgemm's for this; they still work in the torch this project pins.
-            warnings.simplefilter("ignore", UserWarning)
-            qweight = torch.quantize_per_channel(w, scale.double(), zero, 0, torch.qint8)
-        b = None if bias is None else bias.detach().float().contiguous()
-        self._packed = torch.ops.quantized.linear_prepack(qweight, b)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # reduce_range: 7-bit activations, as x86 kernels need to avoid int16 overflow.
-        return torch.ops.quantized.linear_dynamic(x.float(), self._packed, True)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
-
-
 def quantize_int8(model: GPT) -> GPT:
     """Replace every ``nn.Linear`` (the output head included) by `Int8Linear`, in place."""
     if next(model.parameters()).device.type != "cpu":
         raise UserError("int8 decoding runs on the CPU only (use --device cpu)")
     return replace_modules(model, nn.Linear, lambda lin: Int8Linear(lin.weight, lin.bias))
+
+
+class NativeLinear(nn.Module):
+    """``nn.Linear`` for decoding: up to ``max_rows`` rows of input through the native kernel
+    (`gpt2.native`), which reads the weight once for all of them at the memory's speed; more
+    rows (a prefill, an evaluation) through ``F.linear``, which is faster there.
+
+    ``float_output``: the result is float32 whatever the weight's dtype (the head of a bfloat16
+    model; see `Float32Head`). The same ``weight`` and ``bias`` parameters as the ``nn.Linear``
+    it replaces, kept (out, in) and contiguous as the kernel reads them.
+    """
+
+    max_rows = 16
+
+    def __init__(self, linear: nn.Module, float_output: bool = False) -> None:
+        super().__init__()
+        self.weight = linear.weight
+        self.register_parameter("bias", linear.bias)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.float_output = float_output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        params = self._parameters
+        weight, bias = params["weight"], params["bias"]
+        rows = x.numel() // self.in_features
+        if rows > self.max_rows or torch.is_grad_enabled():
+            if self.float_output:
+                return float32_logits(x, weight, bias)
+            return F.linear(x, weight, bias)
+        flat = x.reshape(rows, self.in_features)
+        y = torch.ops.gpt2.linear(flat.contiguous(), weight, bias, self.float_output)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        out = ", float32 output" if self.float_output else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, native{out}"
+
+
+def native_linears(model: GPT, float_head: bool) -> GPT:
+    """Replace every ``nn.Linear`` by `NativeLinear`, in place; weights made contiguous."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and not module.weight.is_contiguous():
+                module.weight.data = module.weight.data.contiguous()
+    head = model.lm_head
+    replace_modules(model, nn.Linear, NativeLinear)
+    model.lm_head = NativeLinear(head, float_output=float_head)
+    return model
 
 
 def without_dropout(model: GPT) -> GPT:
@@ -280,18 +356,39 @@ def pin_submodules(model: GPT) -> GPT:
     return model
 
 
-def prepare_for_decoding(model: GPT, quantize: str = "none") -> GPT:
-    """The model, in place, in the fastest weight format for decoding on its device."""
+def prepare_for_decoding(
+    model: GPT, quantize: str = "none", dtype: torch.dtype | str = torch.float32
+) -> GPT:
+    """The model, in place, in the fastest weight format for decoding on its device.
+
+    ``dtype`` (a torch dtype or its name) casts every parameter, the tied embedding and head
+    included, so that activations and the KV cache follow; the engine hands the sampler float32
+    logits whatever it is (`gpt2.decode.KVCacheEngine`). int8 keeps float32 activations.
+    """
     if quantize not in QUANTIZE_MODES:
         raise UserError(
             f"unknown quantization {quantize!r}; choose from {', '.join(QUANTIZE_MODES)}"
         )
+    dtype = decode_dtype(dtype)
+    if quantize == "int8" and dtype != torch.float32:
+        raise UserError("int8 decoding keeps float32 activations: use it with --dtype float32")
     model.eval()
+    device = next(model.parameters()).device
+    if dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_native_bf16():
+        log.warning("bfloat16 on a CPU without AVX512-BF16 or AMX is emulated: slower than float32")
+    if dtype != next(model.parameters()).dtype:
+        model.to(dtype)  # in place: the tied head stays the embedding
     without_dropout(model)
     lean_layer_norms(model)
     if quantize == "int8":
         quantize_int8(model)
-    elif next(model.parameters()).device.type == "cpu":
+    elif device.type == "cpu" and native.available():
+        native_linears(model, float_head=dtype != torch.float32)
+    if device.type == "cpu" and native.available():
+        model.native_step = NativeDecodeStep(model)
+    elif dtype != torch.float32:
+        model.lm_head = Float32Head(model.lm_head)
+    elif device.type == "cpu":
         decode_layout(model)
         split_across_threads(model)
     return pin_submodules(model)  # last: the steps above replace submodules

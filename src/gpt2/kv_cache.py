@@ -152,6 +152,22 @@ class KVCache:
         self.attn_mask, self.is_causal = visible[:, None], False  # (B, 1, T, L)
         return (write - start_t[:, None]).clamp_(min=0)  # (B, T); padding gets position 0
 
+    def advance(self, rows: list[int]) -> tuple[list[int], list[int], list[int]]:
+        """One new position in each of ``rows``, for a caller that writes the cache itself
+        (`gpt2.native_step`): each row's position id, the index its token goes to, and the
+        first index it attends to."""
+        start, end = self.start, self.end
+        for r in rows:
+            if end[r] + 1 > self.max_len:
+                raise ValueError(f"cache row {r} is full: {end[r]} + 1 > {self.max_len} positions")
+            if end[r] - start[r] + 1 > self.block_size:
+                raise ValueError(f"cache row {r} would pass the context {self.block_size}")
+        write = [end[r] for r in rows]
+        first = [start[r] for r in rows]
+        for r in rows:
+            end[r] += 1
+        return [w - s for w, s in zip(write, first, strict=True)], write, first
+
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,8 +179,8 @@ class KVCache:
         kb, vb, L = self.k[layer], self.v[layer], self._length  # kb: (rows, nh, max_len, hs)
         rows, write = self._row_index, self._write_index  # (B, 1), (B, T)
         # Advanced indices around a slice put their broadcast shape first: (B, T, nh, hs).
-        kb[rows, :, write] = k.transpose(1, 2)
-        vb[rows, :, write] = v.transpose(1, 2)
+        kb[rows, :, write] = k.transpose(1, 2).to(kb.dtype)
+        vb[rows, :, write] = v.transpose(1, 2).to(vb.dtype)
         read = self._read_rows  # a slice (views) or an index tensor (gathered copies)
         return kb[read, :, :L], vb[read, :, :L]
 

@@ -50,19 +50,26 @@ class CausalSelfAttention(nn.Module):
         if cache is None:
             # softmax(q k^T / sqrt(hs) + causal mask) v, by PyTorch's fused kernel (flash or
             # memory-efficient where available): the (T, T) score matrix is never stored for backward.
-            if q.dtype == torch.bfloat16 and q.device.type == "cpu":
-                # The CPU kernel's backward is several times slower in bf16 than in float32.
+            dtype = q.dtype
+            if dtype == torch.bfloat16 and q.device.type == "cpu":
+                # On the CPU, attention in bf16 is computed in float32: the kernel's backward is
+                # several times slower in bf16, and its forward rounds differently for one
+                # query than for many, which the cached decoding path must match.
                 q, k, v = q.float(), k.float(), v.float()
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-            )  # (B, nh, T, hs)
+            ).to(dtype)  # (B, nh, T, hs)
         else:
             # Decoding: the T new positions attend to every earlier key of their row, kept in
-            # the cache; the mask also hides a row's left padding.
+            # the cache; the mask also hides a row's left padding. In float32 for bf16 on the
+            # CPU, as above.
             k, v = cache.update(layer, k, v)  # (B, nh, L, hs), L >= T
+            dtype = q.dtype
+            if dtype == torch.bfloat16 and q.device.type == "cpu":
+                q, k, v = q.float(), k.float(), v.float()
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=cache.attn_mask, is_causal=cache.is_causal
-            )  # (B, nh, T, hs)
+            ).to(dtype)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 

@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     params = params_from_args(args)
     model, tok = load_model(args.checkpoint, resolve_device(args.device))
     eos_text(tok)  # a vocabulary without end-of-text cannot end a reply: say so before starting
-    model = prepare_for_decoding(model, args.quantize)
+    model = prepare_for_decoding(model, args.quantize, args.dtype)
     session = Session(model, tok, params, args.system, sys.stdout, sys.stderr)
     interactive = sys.stdin.isatty()
     if interactive:

@@ -8,7 +8,8 @@ import logging
 from pathlib import Path
 
 from gpt2.checkpoint import load_model
-from gpt2.commands.options import int_at_least, non_empty, positive_int
+from gpt2.commands.options import add_inference_precision, int_at_least, non_empty, positive_int
+from gpt2.decode_layout import prepare_for_decoding
 from gpt2.device import resolve_device
 from gpt2.errors import UserError
 from gpt2.evaluate import (
@@ -82,6 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--out", type=non_empty, help="JSON file for every figure (default: eval-TASK.json)"
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    add_inference_precision(p)
     p.set_defaults(func=run)
 
 
@@ -97,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--stride applies to --task perplexity only")
     device = resolve_device(args.device)
     model, tokenizer = load_model(args.checkpoint, device)
+    model = prepare_for_decoding(model, args.quantize, args.dtype)  # what sample and serve run
     if args.stride is not None and not 1 <= args.stride <= model.config.block_size:
         raise UserError(
             f"--stride must be between 1 and the model's block size {model.config.block_size}"
@@ -133,6 +136,7 @@ def run_harness(args: argparse.Namespace) -> int:
         raise UserError("--stride, --data and --out apply to --task; --harness has --output-path")
     device = resolve_device(args.device)
     model, tokenizer = load_model(args.checkpoint, device)
+    model = prepare_for_decoding(model, args.quantize, args.dtype)  # what sample and serve run
     lm = harness.HarnessModel(
         model, tokenizer, batch_size=args.batch_size, show_progress=not args.quiet
     )

@@ -141,3 +141,21 @@ def given_flags(args: argparse.Namespace, cls: type) -> dict[str, Any]:
         for key, value in vars(args).items()
         if key.startswith(prefix) and value is not None
     }
+
+
+def add_inference_precision(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--dtype`` and ``--quantize``, the precision of a model used only for inference: one
+    definition for ``gpt2 sample``, ``gpt2 serve`` and ``gpt2 eval``, which all hand them to
+    `gpt2.decode_layout.prepare_for_decoding`."""
+    from gpt2.decode_layout import DECODE_DTYPES, QUANTIZE_MODES  # torch loads here, not before
+
+    parser.add_argument(
+        "--dtype", choices=tuple(DECODE_DTYPES), default="float32",
+        help="precision of the weights and activations: bfloat16 halves the bytes a token reads "
+        "(fast on CPUs with AVX512-BF16 or AMX, and on GPUs), at a small cost in quality; the "
+        "logits are float32 either way (default: float32)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--quantize", choices=QUANTIZE_MODES, default="none",
+        help="int8: int8 weights for faster CPU decoding, at a small cost in quality (default: none)",
+    )  # fmt: skip

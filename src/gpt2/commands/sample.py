@@ -7,7 +7,8 @@ import dataclasses
 import sys
 
 from gpt2.checkpoint import load_model
-from gpt2.decode_layout import QUANTIZE_MODES, prepare_for_decoding
+from gpt2.commands.options import add_inference_precision
+from gpt2.decode_layout import prepare_for_decoding
 from gpt2.device import resolve_device
 from gpt2.errors import UserError
 from gpt2.generate import SamplingParams, complete, stream
@@ -127,10 +128,7 @@ def add_speed_options(p: argparse.ArgumentParser) -> None:
     """Where the model runs, and how its weights are stored for decoding."""
     r = p.add_argument_group("speed")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
-    r.add_argument(
-        "--quantize", choices=QUANTIZE_MODES, default="none",
-        help="int8: int8 weights for faster CPU decoding, at a small cost in quality (default: none)",
-    )  # fmt: skip
+    add_inference_precision(r)
 
 
 def params_from_args(args: argparse.Namespace, **more: object) -> SamplingParams:
@@ -195,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
     params = sample_params(args)
     device = resolve_device(args.device)
     model, tok = load_model(args.checkpoint, device)
-    model = prepare_for_decoding(model, args.quantize)
+    model = prepare_for_decoding(model, args.quantize, args.dtype)
     prompt = crop_prompt(args.prompt, tok, model.config.block_size)
     if args.stream:
         for i in range(args.num_samples):

@@ -8,7 +8,7 @@ import logging
 import os
 from pathlib import Path
 
-from gpt2.commands.options import int_in, non_empty, positive_int
+from gpt2.commands.options import add_inference_precision, int_in, non_empty, positive_int
 from gpt2.errors import UserError
 
 log = logging.getLogger("gpt2.serve")
@@ -52,6 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="the model id clients send (default: the checkpoint's name)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    add_inference_precision(p)
     p.add_argument(
         "--max-batch",
         type=positive_int,
@@ -141,11 +142,12 @@ def run(args: argparse.Namespace) -> int:
     with sock:
         device = resolve_device(args.device)
         model, tokenizer = load_model(args.checkpoint, device)
-        model = prepare_for_decoding(model)  # fp32, each weight in its fastest layout
+        model = prepare_for_decoding(model, args.quantize, args.dtype)
         name = args.model_name or _default_name(args.checkpoint)
         app = create_app(model, tokenizer, model_name=name, limits=limits, api_key=args.api_key)
         c = model.config
-        slot_bytes = 2 * c.n_layer * c.block_size * c.n_embd * 4  # fp32 keys and values
+        cell = model.transformer.wte.weight.element_size()  # the cache's dtype (`KVCache`)
+        slot_bytes = 2 * c.n_layer * c.block_size * c.n_embd * cell  # keys and values
         log.info("KV cache: %d slots x %s (--max-batch)", limits.max_batch, _size(slot_bytes))
         host, port = sock.getsockname()[:2]
         log.info("serving %s on http://%s:%d (playground at /)", name, host, port)
