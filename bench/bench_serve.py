@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -110,11 +111,16 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
+Fields = dict | Callable[[], dict] | None
+
+
 async def stream_one(
-    http: httpx.AsyncClient, tokens: int, seed: int, sampling: dict | None = None
+    http: httpx.AsyncClient, tokens: int, seed: int, fields: Fields = None
 ) -> tuple[float, float, int]:
-    """One streaming request: (time to first token, total time, tokens received). ``sampling``:
-    more fields for the body (bench_serve_llama_cpp.py sends both servers the same settings)."""
+    """One streaming request: (time to first token, total time, tokens received). ``fields``:
+    more fields for the body, or a function that makes them for each request
+    (bench_serve_llama_cpp.py sends both servers the same sampling, and may vary the prompt)."""
+    extra = fields() if callable(fields) else fields
     body = {
         "prompt": PROMPT,
         "max_tokens": tokens,
@@ -122,7 +128,7 @@ async def stream_one(
         "stream_options": {"include_usage": True},  # the token count, in a last chunk
         "seed": seed,
         "logit_bias": {EOT: -100},
-        **(sampling or {}),
+        **(extra or {}),
     }
     start = time.perf_counter()
     first = None
@@ -143,12 +149,12 @@ async def stream_one(
     return first or float("nan"), time.perf_counter() - start, received
 
 
-async def concurrent(url: str, clients: int, tokens: int, sampling: dict | None = None) -> dict:
+async def concurrent(url: str, clients: int, tokens: int, fields: Fields = None) -> dict:
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
         start = time.perf_counter()
         results = await asyncio.gather(
-            *(stream_one(http, tokens, i, sampling) for i in range(clients)),
+            *(stream_one(http, tokens, i, fields) for i in range(clients)),
             return_exceptions=True,
         )
         wall = time.perf_counter() - start
@@ -169,16 +175,14 @@ async def concurrent(url: str, clients: int, tokens: int, sampling: dict | None 
     }
 
 
-async def sequential_single(
-    url: str, requests: int, tokens: int, sampling: dict | None = None
-) -> dict:
+async def sequential_single(url: str, requests: int, tokens: int, fields: Fields = None) -> dict:
     # A new connection for each request: llama-server (cpp-httplib) may close a kept-alive one
     # just as the next request goes out on it, which httpx reports as a disconnect.
     fresh = httpx.Limits(max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=fresh) as http:
-        await stream_one(http, 4, 0, sampling)  # warm-up
+        await stream_one(http, 4, 0, fields)  # warm-up
         start = time.perf_counter()
-        results = [await stream_one(http, tokens, i, sampling) for i in range(requests)]
+        results = [await stream_one(http, tokens, i, fields) for i in range(requests)]
         wall = time.perf_counter() - start
     total = sum(r[2] for r in results)
     return {

@@ -16,7 +16,8 @@ Both get the same streaming ``/v1/completions`` requests (bench_serve.py's clien
 vocabulary (temperature 1, no top-k, top-p or min-p cut; llama-server's defaults would cut to the
 top 40 tokens) and a seed per request. Measured: tokens/s to one client (``--single`` requests in
 a row), aggregate tokens/s to ``--clients`` concurrent clients, and time to first token (the first
-chunk with text) p50 of each. Both servers stay up; each round measures them in turn (the order
+chunk with text) p50 of each. With ``--distinct-prompts`` every request's prompt starts with
+a new number: llama-server otherwise reuses a slot's cached prompt and evaluates one token of it. Both servers stay up; each round measures them in turn (the order
 flips every round) so that a machine shared with other work slows both alike; figures are the
 medians over ``--rounds``, with the load average beside each round.
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -46,7 +48,7 @@ import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serve import concurrent, sequential_single  # noqa: E402
+from bench_serve import PROMPT, Fields, concurrent, sequential_single  # noqa: E402
 
 from gpt2.checkpoint import save_checkpoint  # noqa: E402
 from gpt2.config import GPTConfig, TrainConfig  # noqa: E402
@@ -64,6 +66,7 @@ PRECISIONS = {
 # The same sampling on both sides: the whole distribution at temperature 1.
 SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
 SERVERS = ("gpt2", "llama")
+PROMPT_NUMBERS = itertools.count()  # --distinct-prompts: never the same number twice in a run
 
 
 def parse_args() -> argparse.Namespace:
@@ -76,6 +79,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="rounds of both servers (medians)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of each server")
     p.add_argument("--build", action="store_true", help="build llama-server if it is missing")
+    p.add_argument(
+        "--distinct-prompts",
+        action="store_true",
+        help="a number before each request's prompt, so that no server reuses a cached prompt",
+    )
     p.add_argument("--log-dir", type=Path, help="keep the servers' logs here (default: dropped)")
     return p.parse_args()
 
@@ -187,11 +195,22 @@ def start_llama(server: Path, gguf: Path, args, log: Path, stack: ExitStack) -> 
     return start(cmd, thread_env(args.threads), log, stack)
 
 
+def request_fields(distinct: bool) -> Fields:
+    """The body fields beyond bench_serve's: the sampling, and with ``distinct`` a prompt that
+    starts with a number no request had before (llama-server reuses the longest cached prefix
+    of a prompt, so the same prompt again costs it one token; ours prefills every prompt, and
+    only shares a prefill between identical prompts admitted together)."""
+    if not distinct:
+        return SAMPLING
+    return lambda: {**SAMPLING, "prompt": f"{next(PROMPT_NUMBERS)} {PROMPT}"}
+
+
 def measure(url: str, args) -> dict:
     """One round of one server: 1 client, then ``--clients`` at once."""
-    single = asyncio.run(sequential_single(url, args.single, args.tokens, SAMPLING))
+    fields = request_fields(args.distinct_prompts)
+    single = asyncio.run(sequential_single(url, args.single, args.tokens, fields))
     time.sleep(1)  # let the server's threads go idle (OpenMP and ggml spin a while)
-    many = asyncio.run(concurrent(url, args.clients, args.tokens, SAMPLING))
+    many = asyncio.run(concurrent(url, args.clients, args.tokens, fields))
     time.sleep(1)
     return {"single": single, "many": many, "loadavg": loadavg()}
 
