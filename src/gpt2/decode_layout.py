@@ -382,6 +382,8 @@ def prepare_for_decoding(
     lean_layer_norms(model)
     if quantize == "int8":
         quantize_int8(model)
+        for block in model.transformer.h:  # a bf16 KV cache, as llama.cpp's is f16
+            block.attn.kv_dtype = torch.bfloat16
     elif device.type == "cpu" and native.available():
         native_linears(model, float_head=dtype != torch.float32)
     if device.type == "cpu" and native.available():

@@ -67,9 +67,12 @@ class KVCache:
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch: int, max_len: int | None = None) -> KVCache:
-        """A cache shaped for ``model`` (a `GPT`), on its device and in its dtype."""
+        """A cache shaped for ``model`` (a `GPT`), on its device and in its dtype, or in the
+        dtype its attention rounds keys and values to (`CausalSelfAttention.kv_dtype`)."""
         p = model.transformer.wte.weight
         dtype = p.dtype if p.dtype.is_floating_point else torch.float32
+        kv_dtype = model.transformer.h[0].attn.kv_dtype if len(model.transformer.h) else None
+        dtype = kv_dtype or dtype
         return cls(model.config, batch, max_len or model.config.block_size, p.device, dtype)
 
     @property

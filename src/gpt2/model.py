@@ -28,6 +28,11 @@ if TYPE_CHECKING:
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention in which position t sees positions 0..t only."""
 
+    # Keys and values rounded to this dtype before attention (None: kept as computed). Set for
+    # int8 decoding (`gpt2.decode_layout`): its KV cache holds bf16, as llama.cpp's holds f16,
+    # and the whole-sequence pass rounds the same way, so that both compute the same thing.
+    kv_dtype: torch.dtype | None = None
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.n_head = config.n_head
@@ -47,29 +52,29 @@ class CausalSelfAttention(nn.Module):
         # hs side by side: one view and one permute give the three as (B, nh, T, hs), no copies.
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, hs).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, nh, T, hs) each
+        dtype = q.dtype
+        if self.kv_dtype is not None:
+            k, v = k.to(self.kv_dtype), v.to(self.kv_dtype)
+        if cache is not None:
+            # Decoding: the T new positions attend to every earlier key of their row, kept in
+            # the cache; the mask also hides a row's left padding.
+            k, v = cache.update(layer, k, v)  # (B, nh, L, hs), L >= T
+        # On the CPU, attention in bf16 is computed in float32: the kernel's backward is several
+        # times slower in bf16, and its forward rounds differently for one query than for many,
+        # which the cached decoding path must match.
+        work = torch.float32 if dtype == torch.bfloat16 and q.device.type == "cpu" else dtype
+        q, k, v = q.to(work), k.to(work), v.to(work)
         if cache is None:
             # softmax(q k^T / sqrt(hs) + causal mask) v, by PyTorch's fused kernel (flash or
             # memory-efficient where available): the (T, T) score matrix is never stored for backward.
-            dtype = q.dtype
-            if dtype == torch.bfloat16 and q.device.type == "cpu":
-                # On the CPU, attention in bf16 is computed in float32: the kernel's backward is
-                # several times slower in bf16, and its forward rounds differently for one
-                # query than for many, which the cached decoding path must match.
-                q, k, v = q.float(), k.float(), v.float()
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-            ).to(dtype)  # (B, nh, T, hs)
+            )  # (B, nh, T, hs)
         else:
-            # Decoding: the T new positions attend to every earlier key of their row, kept in
-            # the cache; the mask also hides a row's left padding. In float32 for bf16 on the
-            # CPU, as above.
-            k, v = cache.update(layer, k, v)  # (B, nh, L, hs), L >= T
-            dtype = q.dtype
-            if dtype == torch.bfloat16 and q.device.type == "cpu":
-                q, k, v = q.float(), k.float(), v.float()
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=cache.attn_mask, is_causal=cache.is_causal
-            ).to(dtype)  # (B, nh, T, hs)
+            )  # (B, nh, T, hs)
+        y = y.to(dtype)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 

@@ -31,7 +31,22 @@ using Weights = c10::List<c10::optional<at::Tensor>>;
 
 enum class Kind { f32, bf16, int8 };
 
-inline float round_bf16(float v) { return static_cast<float>(c10::BFloat16(v)); }
+// float32 to the nearest bfloat16 (ties to even), as c10::BFloat16 rounds, written so that
+// loops over arrays vectorize (a bf16 model rounds every activation, many times a step).
+inline float round_bf16(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+  const uint32_t out = v != v ? 0x7FC00000u : rounded;  // NaN stays NaN
+  float f;
+  std::memcpy(&f, &out, sizeof f);
+  return f;
+}
+
+inline void round_bf16(float* x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) x[i] = round_bf16(x[i]);
+}
 
 // A scratch array on torch's allocator, which aligns to 64 bytes: the kernels' 64-byte loads of
 // activations then never straddle two cache lines (std::vector aligns to 16).
@@ -166,36 +181,37 @@ void product(const Model& m, const Linear& L, const float* x, int64_t B, float* 
 // torch.layer_norm's arithmetic: mean and biased variance in float32, then (x - mean) * rstd.
 void layer_norm(const Model& m, const Norm& n, const float* x, int64_t B, float* y) {
   const int64_t C = m.C;
+  const float* w = n.w.data();
+  const float* bias = n.b.data();
   for (int64_t b = 0; b < B; ++b) {
     const float* xr = x + b * C;
+    float* yr = y + b * C;
     float mean = 0.f;
+#pragma omp simd reduction(+ : mean)
     for (int64_t c = 0; c < C; ++c) mean += xr[c];
     mean /= static_cast<float>(C);
     float var = 0.f;
+#pragma omp simd reduction(+ : var)
     for (int64_t c = 0; c < C; ++c) var += (xr[c] - mean) * (xr[c] - mean);
     var /= static_cast<float>(C);
     const float rstd = 1.f / std::sqrt(var + m.eps);
-    for (int64_t c = 0; c < C; ++c) {
-      const float v = (xr[c] - mean) * rstd * n.w[c] + n.b[c];
-      y[b * C + c] = m.kind == Kind::bf16 ? round_bf16(v) : v;
-    }
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) yr[c] = (xr[c] - mean) * rstd * w[c] + bias[c];
   }
+  if (m.kind == Kind::bf16) round_bf16(y, B * C);
 }
 
 // GELU, tanh form (GPT-2's), by ATen's own vectorized kernel: the Python model's numbers.
 void gelu(const Model& m, float* x, int64_t n) {
   at::Tensor t = at::from_blob(x, {n}, at::TensorOptions().dtype(at::kFloat));
   at::gelu_(t, "tanh");
-  if (m.kind == Kind::bf16) {
-    for (int64_t i = 0; i < n; ++i) x[i] = round_bf16(x[i]);
-  }
+  if (m.kind == Kind::bf16) round_bf16(x, n);
 }
 
 void add_into(const Model& m, float* x, const float* d, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = x[i] + d[i];
-    x[i] = m.kind == Kind::bf16 ? round_bf16(v) : v;
-  }
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) x[i] += d[i];
+  if (m.kind == Kind::bf16) round_bf16(x, n);
 }
 
 struct Rows {
@@ -204,16 +220,43 @@ struct Rows {
   const int64_t* start;  // first cache index it attends to (left padding before)
 };
 
-// Keys and values in the cache: float32, or bfloat16 for a bfloat16 model (its keys and values
-// are bfloat16 values already, so storing them so loses nothing and halves what attention reads).
+// Keys and values in the cache: float32, or bfloat16 (a bfloat16 model's, whose keys and values
+// are bf16 values already; an int8 model's, rounded as its Python attention rounds them).
 inline float cached(const float* p, int64_t i) { return p[i]; }
 inline float cached(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
+
+// q . k and out += w v for one key or value of head size n. Written with the vector
+// instructions: the compiler, keeping float32's order of operations, would sum the lanes of
+// a vectorized dot product one by one.
+inline float qk(const float* q, const float* k, int64_t n) { return dot_f32(q, k, n); }
+
+inline float qk(const float* q, const uint16_t* k, int64_t n) {
+  int64_t c = 0;
+  float s = 0.f;
+#if defined(__AVX512F__)
+  __m512 a = _mm512_setzero_ps();
+  for (; c + 16 <= n; c += 16) {
+    const __m512i k16 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(k + c)));
+    a = _mm512_fmadd_ps(_mm512_loadu_ps(q + c), _mm512_castsi512_ps(_mm512_slli_epi32(k16, 16)), a);
+  }
+  s = _mm512_reduce_add_ps(a);
+#endif
+  for (; c < n; ++c) s += q[c] * bf16_to_float(k[c]);
+  return s;
+}
+
+template <typename T>
+inline void add_scaled(float* out, float w, const T* v, int64_t n) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) out[c] += w * cached(v, c);
+}
 inline void put(float* p, const float* v, int64_t n) { std::memcpy(p, v, n * sizeof(float)); }
 inline void put(uint16_t* p, const float* v, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
+  for (int64_t i = 0; i < n; ++i) {  // rounded (a bfloat16 model's values are bf16 already)
+    const float r = round_bf16(v[i]);
     uint32_t bits;
-    std::memcpy(&bits, v + i, sizeof bits);
-    p[i] = static_cast<uint16_t>(bits >> 16);  // exact: v holds bfloat16 values
+    std::memcpy(&bits, &r, sizeof bits);
+    p[i] = static_cast<uint16_t>(bits >> 16);
   }
 }
 
@@ -241,13 +284,7 @@ void attention(const Model& m, int64_t layer, const float* qkv, int64_t B, const
       put(vp + base + r.write[b] * hs, q + 2 * C, hs);
       const int64_t lo = r.start[b], n = r.write[b] - lo + 1;
       float* row = sp + p * L;
-      for (int64_t t = 0; t < n; ++t) {
-        const T* kt = kp + base + (lo + t) * hs;
-        float s = 0.f;
-#pragma omp simd reduction(+ : s)
-        for (int64_t c = 0; c < hs; ++c) s += q[c] * cached(kt, c);
-        row[t] = s * scale;
-      }
+      for (int64_t t = 0; t < n; ++t) row[t] = qk(q, kp + base + (lo + t) * hs, hs) * scale;
       std::fill(row + n, row + L, -INFINITY);
     }
   });
@@ -260,15 +297,8 @@ void attention(const Model& m, int64_t layer, const float* qkv, int64_t B, const
       const float* w = sp + p * L;
       float* out = y + b * C + h * hs;
       std::fill(out, out + hs, 0.f);
-      for (int64_t t = 0; t < n; ++t) {
-        const T* vt = vp + base + (lo + t) * hs;
-        const float wt = w[t];
-#pragma omp simd
-        for (int64_t c = 0; c < hs; ++c) out[c] += wt * cached(vt, c);
-      }
-      if (m.kind == Kind::bf16) {
-        for (int64_t c = 0; c < hs; ++c) out[c] = round_bf16(out[c]);
-      }
+      for (int64_t t = 0; t < n; ++t) add_scaled(out, w[t], vp + base + (lo + t) * hs, hs);
+      if (m.kind == Kind::bf16) round_bf16(out, hs);
     }
   });
 }
@@ -306,11 +336,11 @@ struct DecodeModel : torch::CustomClassHolder {
                   const at::Tensor& write, const at::Tensor& start, at::Tensor k_cache,
                   at::Tensor v_cache) {
     const auto ct = k_cache.scalar_type();
-    TORCH_CHECK((ct == at::kFloat || (ct == at::kBFloat16 && m.kind == Kind::bf16)) &&
+    TORCH_CHECK((ct == at::kFloat || ct == at::kBFloat16) &&
                     v_cache.scalar_type() == ct && k_cache.is_contiguous() &&
                     v_cache.is_contiguous() && k_cache.dim() == 5,
-                "the cache must be contiguous (n_layer, rows, n_head, max_len, head_size), "
-                "float32 or (for a bfloat16 model) bfloat16");
+                "the cache must be contiguous float32 or bfloat16 "
+                "(n_layer, rows, n_head, max_len, head_size)");
     const int64_t B = ids.numel(), C = m.C;
     for (auto* t : {&ids, &pos, &rows, &write, &start}) {
       TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->numel() == B,

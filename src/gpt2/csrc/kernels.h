@@ -247,11 +247,29 @@ inline int64_t grain(int64_t N) {
 // q = round-half-even(x * (127 / max|x|)). Returns the scale; *offset = 128 * sum(q), what the
 // unsigned weights add to each dot product.
 inline float quantize_row(const float* x, int64_t K, int8_t* q, int32_t* offset) {
+  int64_t k = 0;
   float amax = 0.f;
-  for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+#if defined(__AVX512F__)
+  __m512 m = _mm512_setzero_ps();
+  for (; k + 16 <= K; k += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+  amax = _mm512_reduce_max_ps(m);
+#endif
+  for (; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
   const float inv = amax > 0.f ? 127.f / amax : 1.f;
   int32_t sum = 0;
-  for (int64_t k = 0; k < K; ++k) {
+  k = 0;
+#if defined(__AVX512F__)
+  const __m512 iv = _mm512_set1_ps(inv);
+  __m512i s = _mm512_setzero_si512();
+  for (; k + 16 <= K; k += 16) {
+    // the current rounding mode, round-half-even by default: what nearbyint does below
+    const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), iv));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtsepi32_epi8(v));
+    s = _mm512_add_epi32(s, v);
+  }
+  sum = _mm512_reduce_add_epi32(s);
+#endif
+  for (; k < K; ++k) {
     const int32_t v = static_cast<int32_t>(std::nearbyint(x[k] * inv));
     q[k] = static_cast<int8_t>(v);
     sum += v;
