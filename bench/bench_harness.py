@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import tempfile
@@ -48,22 +47,13 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from gpt2.assets import fetch  # noqa: E402
 from gpt2.commands.eval import load_model  # noqa: E402
+from gpt2.device import cpu_name  # noqa: E402
 from gpt2.harness import HarnessModel  # noqa: E402
 from gpt2.hf import save_hf_tokenizer  # noqa: E402
 from gpt2.tokenizer import GPT2Tokenizer  # noqa: E402
 
 TASKS = ("bench_lambada", "bench_wikitext", "bench_generate")
 REQUEST_TYPES = ("loglikelihood", "loglikelihood_rolling", "generate_until")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 @torch.no_grad()

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -52,7 +51,7 @@ from gpt2.cli import main as gpt2_main
 from gpt2.config import GPTConfig, TrainConfig
 from gpt2.decode import Decoder, DecodeSequence, KVCacheEngine
 from gpt2.decode_layout import prepare_for_decoding
-from gpt2.device import cpu_flags, cpu_peak_flops
+from gpt2.device import cpu_flags, cpu_name, cpu_peak_flops
 from gpt2.model import GPT
 from gpt2.sampling import Sampler, SamplingParams
 from gpt2.tokenizer import GPT2Tokenizer
@@ -70,13 +69,6 @@ PRECISIONS = {
 TG = (128, 512)
 PP = (32, 512)
 BATCH = 8
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def loadavg() -> str:

@@ -35,7 +35,6 @@ import asyncio
 import itertools
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -48,10 +47,12 @@ import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_llama_cpp import loadavg  # noqa: E402
 from bench_serve import PROMPT, Fields, concurrent, sequential_single  # noqa: E402
 
 from gpt2.checkpoint import save_checkpoint  # noqa: E402
 from gpt2.config import GPTConfig, TrainConfig  # noqa: E402
+from gpt2.device import cpu_name  # noqa: E402
 from gpt2.model import GPT  # noqa: E402
 from gpt2.serve.live import bind  # noqa: E402
 from gpt2.tokenizer import GPT2Tokenizer  # noqa: E402
@@ -86,17 +87,6 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--log-dir", type=Path, help="keep the servers' logs here (default: dropped)")
     return p.parse_args()
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def loadavg() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def find_llama_server(build: bool) -> tuple[Path | None, str]:

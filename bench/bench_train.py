@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from gpt2.assets import fetch
 from gpt2.config import GPTConfig, TrainConfig
-from gpt2.device import cpu_flags, cpu_has_native_bf16, cpu_peak_flops
+from gpt2.device import cpu_flags, cpu_has_native_bf16, cpu_name, cpu_peak_flops
 from gpt2.loader import Layout, TrainBatches, WindowSequence
 from gpt2.metrics import peak_memory_gb
 from gpt2.prepare import prepare_text
@@ -209,17 +209,6 @@ def rss_child(name: str, side: str, root: Path, dtype: str = "float32") -> None:
     for _ in range(3):
         step()
     print(peak_memory_gb(torch.device("cpu")))
-
-
-def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo (a benchmark names the machine it ran on)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def report(r: dict) -> None:

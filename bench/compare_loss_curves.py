@@ -54,6 +54,9 @@ def main() -> None:
     ap.add_argument("--after", type=int, default=50, help="compare the steps after this one")
     ap.add_argument("--window", type=int, default=10, help="steps in the moving mean")
     args = ap.parse_args()
+    for run in args.runs:
+        if not (run / METRICS_FILE).is_file():
+            raise SystemExit(f"no {METRICS_FILE} in {run}: not a training run folder")
     labels = args.labels or [r.name for r in args.runs]
     a, b = (step_losses(r) for r in args.runs)
     steps = sorted(set(a) & set(b))

@@ -19,6 +19,25 @@ native_bf16 = pytest.mark.skipif(
 )
 
 
+def test_cpu_name_and_flags_come_from_cpuinfo(monkeypatch, tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text(
+        "processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu avx2 avx512_bf16\n\n"
+        "processor\t: 1\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu avx2 avx512_bf16\n"
+    )
+    monkeypatch.setattr(precision, "CPUINFO", info)
+    precision.cpu_flags.cache_clear()
+    try:
+        assert precision.cpu_name() == "AMD EPYC 9R14"
+        assert precision.cpu_flags() == frozenset({"fpu", "avx2", "avx512_bf16"})
+        monkeypatch.setattr(precision, "CPUINFO", tmp_path / "missing")  # macOS, Windows
+        precision.cpu_flags.cache_clear()
+        assert precision.cpu_flags() == frozenset()
+        assert precision.cpu_name()  # the platform's own name, or "unknown CPU"
+    finally:
+        precision.cpu_flags.cache_clear()
+
+
 def fake_peaks(monkeypatch, bf16: float = 410e9, fp32: float = 185e9) -> None:
     peaks = {torch.bfloat16: bf16, torch.float32: fp32}
     monkeypatch.setattr(precision, "cpu_peak_flops", lambda dtype=torch.float32: peaks[dtype])

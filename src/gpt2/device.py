@@ -17,6 +17,7 @@ An explicit ``float32``, ``bfloat16`` or ``float16`` is taken as asked (float16 
 from __future__ import annotations
 
 import functools
+import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,17 +43,30 @@ class Precision:
         return str(self.dtype).removeprefix("torch.")
 
 
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def _cpuinfo_field(name: str) -> str | None:
+    """The first ``name : value`` of /proc/cpuinfo (None where there is none: macOS, Windows)."""
+    try:
+        text = CPUINFO.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(name):
+            return line.partition(":")[2].strip()
+    return None
+
+
 @functools.cache
 def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none: macOS, Windows)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.partition(":")[2].split())
-    return frozenset()
+    """The CPU's feature flags (empty where /proc/cpuinfo has none)."""
+    return frozenset((_cpuinfo_field("flags") or "").split())
+
+
+def cpu_name() -> str:
+    """The CPU's model name, which every benchmark prints beside its figures."""
+    return _cpuinfo_field("model name") or platform.processor() or "unknown CPU"
 
 
 def cpu_has_native_bf16() -> bool:
