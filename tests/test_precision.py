@@ -124,3 +124,25 @@ def test_model_chunked_loss_under_autocast_equals_its_plain_loss_and_trains():
     assert chunked.item() == pytest.approx(plain.item(), abs=2e-2)
     chunked.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_attention_runs_in_float32_under_cpu_bf16_autocast(monkeypatch):
+    """Autocast lists attention among the products it casts down; on the CPU the model asks for
+    float32 (the kernel's bf16 backward is several times slower), so autocast must not undo it."""
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        y = sdpa(q, k, v, **kwargs)  # autocast, if on, casts inside this call
+        seen.append(y.dtype)
+        return y
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    config = GPTConfig(vocab_size=64, block_size=8, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
+    model = GPT(config)
+    x = torch.randint(0, 64, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = model(x, x)
+    loss.backward()
+    assert seen == [torch.float32] * 2  # one call a layer, computed in float32
+    assert model.transformer.h[0].attn.c_attn.weight.grad is not None

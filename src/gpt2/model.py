@@ -64,19 +64,29 @@ class CausalSelfAttention(nn.Module):
         # which the cached decoding path must match.
         work = torch.float32 if dtype == torch.bfloat16 and q.device.type == "cpu" else dtype
         q, k, v = q.to(work), k.to(work), v.to(work)
-        if cache is None:
-            # softmax(q k^T / sqrt(hs) + causal mask) v, by PyTorch's fused kernel (flash or
-            # memory-efficient where available): the (T, T) score matrix is never stored for backward.
-            y = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-            )  # (B, nh, T, hs)
+        if torch.is_autocast_enabled(q.device.type):
+            # Autocast would cast q, k and v back down to its own dtype: attention runs in `work`.
+            with torch.autocast(q.device.type, enabled=False):
+                y = self._attend(q, k, v, cache)
         else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=cache.attn_mask, is_causal=cache.is_causal
-            )  # (B, nh, T, hs)
+            y = self._attend(q, k, v, cache)
         y = y.to(dtype)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None
+    ) -> torch.Tensor:
+        if cache is None:
+            # softmax(q k^T / sqrt(hs) + causal mask) v, by PyTorch's fused kernel (flash or
+            # memory-efficient where available): the (T, T) score matrix is never stored for backward.
+            return F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            )  # (B, nh, T, hs)
+        # Decoding: the mask hides each row's left padding (and the future, for many queries).
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=cache.attn_mask, is_causal=cache.is_causal
+        )  # (B, nh, T, hs)
 
 
 class MLP(nn.Module):
