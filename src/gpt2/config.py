@@ -199,7 +199,7 @@ class TrainConfig:
     dtype: str = _help(
         "auto, float32, bfloat16 or float16 (autocast; float16 on CUDA only, with a gradient "
         "scaler); auto is bfloat16 on CUDA GPUs that have it (else float16) and on CPUs that "
-        "multiply bf16 natively for a model of width 512 or more, else float32",
+        "multiply bf16 natively for a model of width 128 or more, else float32",
         default="auto",
     )
     tf32: bool = _help("let CUDA do float32 matrix products in TF32", default=True)

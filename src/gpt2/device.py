@@ -4,10 +4,10 @@ eval, serve).
 ``--device auto`` picks CUDA, then Apple's MPS, then the CPU. ``--dtype auto``:
 - CUDA: bfloat16 where the GPU has it (Ampere and later), else float16 with the gradient scaler.
 - CPU: bfloat16 autocast where the CPU multiplies bfloat16 in hardware (``avx512_bf16`` or
-  ``amx_bf16`` among its flags) and the model is wide enough to gain from it; float32 elsewhere.
-  Without those instructions bfloat16 is emulated, about two orders of magnitude slower. Below
-  ``BF16_MIN_WIDTH`` the products are too small for bf16 to pay for autocast's casts (the
-  figures per width are in bench/NOTES.md, measured by bench/bench_train.py). A size rule rather
+  ``amx_bf16`` among its flags) and the model is at least ``BF16_MIN_WIDTH`` wide; float32
+  elsewhere. Without those instructions bfloat16 is emulated, about two orders of magnitude
+  slower. The width is the narrowest that bench/bench_train.py measured faster in bf16 (figures
+  in bench/NOTES.md); narrower products may not pay for autocast's casts. A size rule rather
   than a timed decision: a probe on a busy machine flipped the choice from run to run.
 - Anything else (Apple's MPS): float32.
 
@@ -28,7 +28,7 @@ from gpt2.errors import UserError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-BF16_MIN_WIDTH = 512  # n_embd from which bf16 autocast trains faster than float32 on the CPU
+BF16_MIN_WIDTH = 128  # the narrowest n_embd measured to train faster in bf16 autocast on the CPU
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ def choose_cpu(n_embd: int) -> Precision:
         return Precision(
             torch.float32,
             f"this CPU multiplies bf16 natively ({peaks}), but a model of width {n_embd} "
-            f"(under {BF16_MIN_WIDTH}) trains no faster in it",
+            f"(under {BF16_MIN_WIDTH}) was not measured to train faster in it",
         )
     return Precision(torch.bfloat16, f"this CPU multiplies bf16 natively: {peaks}")
 
