@@ -278,7 +278,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         safe_targets = targets.clamp(min=0).unsqueeze(1)  # (N, 1): -1 gathers row 0, masked below
         want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_grad else None
-        grad_weight = torch.zeros_like(weight) if want_grad else None
+        grad_weight = None  # (V, C) in the products' dtype, summed over the chunks
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.size(0), chunk_rows):
             rows = slice(start, start + chunk_rows)
@@ -290,13 +290,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
                 grad.scatter_add_(1, t, -keep.unsqueeze(1))  # minus one-hot where scored
                 grad.mul_((keep / n_scored).unsqueeze(1))  # d(mean loss) / d(logits)
-                if w.dtype == weight.dtype:  # float32: straight into the gradients' memory
+                grad = grad.to(w.dtype)
+                if w.dtype == hidden.dtype:  # float32: straight into the gradient's memory
                     torch.mm(grad, w, out=grad_hidden[rows])
-                    grad_weight.addmm_(grad.t(), h)
-                else:  # a low-precision product, summed into the float32 gradient
-                    grad = grad.to(w.dtype)
+                else:
                     grad_hidden[rows] = grad @ w
-                    grad_weight += grad.t() @ h
+                # Summed by the products themselves (under autocast in its dtype, as autocast's
+                # own weight gradient is), then widened once: no passes over a float32 (V, C).
+                if grad_weight is None:
+                    grad_weight = grad.t() @ h
+                else:
+                    grad_weight.addmm_(grad.t(), h)
+        if want_grad:  # no rows at all (a micro-batch without replies): a zero gradient
+            grad_weight = torch.zeros_like(weight) if grad_weight is None else grad_weight
+            grad_weight = grad_weight.to(weight.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return (total / n_scored).to(hidden.dtype)
 
