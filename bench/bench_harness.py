@@ -46,7 +46,7 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from gpt2.assets import fetch  # noqa: E402
-from gpt2.commands.eval import load_model  # noqa: E402
+from gpt2.checkpoint import load_model  # noqa: E402
 from gpt2.device import cpu_name  # noqa: E402
 from gpt2.harness import HarnessModel  # noqa: E402
 from gpt2.hf import save_hf_tokenizer  # noqa: E402

@@ -23,7 +23,7 @@ import gpt2
 pytest.importorskip("lm_eval")
 transformers = pytest.importorskip("transformers")
 
-from gpt2.commands.eval import load_model  # noqa: E402
+from gpt2.checkpoint import load_model  # noqa: E402
 from gpt2.hf import save_hf_tokenizer  # noqa: E402
 from gpt2.tokenizer import GPT2Tokenizer  # noqa: E402
 

@@ -256,10 +256,6 @@ class BPETokenizer(Tokenizer):
         ``decode(errors="replace")`` does."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
-    def token_bytes(self, token_id: int) -> bytes:
-        """The bytes of one token (a special token's UTF-8 spelling)."""
-        return self.decode_bytes([token_id])
-
     # --- the fast path -----------------------------------------------------------------------
 
     @cached_property

@@ -256,51 +256,37 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise `UserError` naming the first field that is out of range."""
         check_field_types(self, "train config")
-        positive = ("max_iters", "batch_size", "eval_interval", "eval_iters", "log_interval")
-        positive += ("keep_last",)
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise UserError(
-                    f"train config: {name} must be at least 1, got {getattr(self, name)}"
-                )
+        at_least_one = ("max_iters", "batch_size", "eval_interval", "eval_iters", "log_interval")
+        at_least_one += ("keep_last",)
         non_negative = ("warmup_iters", "lr_decay_iters", "sample_tokens", "num_threads")
         non_negative += ("total_batch_tokens", "save_interval", "sample_interval", "peak_tflops")
-        non_negative += ("eval_every", "eval_limit")
-        for name in non_negative:
-            if getattr(self, name) < 0:
-                raise UserError(
-                    f"train config: {name} must not be negative, got {getattr(self, name)}"
-                )
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise UserError(
-                f"train config: learning_rate must be positive, got {self.learning_rate}"
-            )
+        non_negative += ("eval_every", "eval_limit", "weight_decay", "grad_clip")
+        problems = [
+            *(f"{n} must be at least 1, got {getattr(self, n)}"
+              for n in at_least_one if getattr(self, n) < 1),
+            *(f"{n} must not be negative, got {getattr(self, n)}"
+              for n in non_negative if getattr(self, n) < 0),
+            *(f"{n} must be in [0, 1), got {getattr(self, n)}"
+              for n in ("beta1", "beta2") if not 0 <= getattr(self, n) < 1),
+        ]  # fmt: skip
+        if self.learning_rate <= 0:
+            problems.append(f"learning_rate must be positive, got {self.learning_rate}")
         if not 0 <= self.min_lr <= self.learning_rate:
-            raise UserError("train config: min_lr must be between 0 and learning_rate")
-        for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise UserError(
-                    f"train config: {name} must be in [0, 1), got {getattr(self, name)}"
-                )
-        for name in ("weight_decay", "grad_clip"):
-            if getattr(self, name) < 0:
-                raise UserError(
-                    f"train config: {name} must not be negative, got {getattr(self, name)}"
-                )
+            problems.append("min_lr must be between 0 and learning_rate")
         if not self.out_dir.strip():
-            raise UserError("train config: out_dir must not be empty")
+            problems.append("out_dir must not be empty")
         if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda", "mps"):
-            raise UserError(f"train config: unknown device {self.device!r} (auto, cpu, cuda, mps)")
+            problems.append(f"unknown device {self.device!r} (auto, cpu, cuda, mps)")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise UserError(
-                f"train config: unknown dtype {self.dtype!r} (auto, float32, bfloat16, float16)"
-            )
+            problems.append(f"unknown dtype {self.dtype!r} (auto, float32, bfloat16, float16)")
         if self.on_nan not in ("stop", "skip"):
-            raise UserError(f"train config: on_nan must be stop or skip, got {self.on_nan!r}")
-        if self.eval_task not in ("", "perplexity", "hellaswag", "lambada"):  # gpt2.evaluate.TASKS
-            raise UserError(
-                f"train config: unknown eval_task {self.eval_task!r} (perplexity, hellaswag, lambada)"
+            problems.append(f"on_nan must be stop or skip, got {self.on_nan!r}")
+        if self.eval_task not in ("", "perplexity", "hellaswag", "lambada"):  # evaluate.TASKS
+            problems.append(
+                f"unknown eval_task {self.eval_task!r} (perplexity, hellaswag, lambada)"
             )
+        if problems:
+            raise UserError(f"train config: {problems[0]}")
 
     @property
     def decay_iters(self) -> int:

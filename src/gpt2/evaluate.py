@@ -24,6 +24,7 @@ points at a local copy instead.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import time
@@ -230,21 +231,13 @@ def _context(tokenizer: Tokenizer, text: str, where: str) -> list[int]:
 
 class Task(ABC):
     """A data set read and tokenized once, then `evaluate`d as often as wanted (for example
-    every few hundred training steps)."""
+    every few hundred training steps). ``n_items`` is how many items are scored (tokens for
+    perplexity, examples otherwise); ``options``, the task's settings, go into the record."""
 
     name: str
 
-    def __init__(self, source: DataSource) -> None:
-        self.source = source
-
-    @property
-    @abstractmethod
-    def n_items(self) -> int:
-        """How many items are scored: tokens for perplexity, examples otherwise."""
-
-    @property
-    def options(self) -> dict[str, Any]:
-        return {}
+    def __init__(self, source: DataSource, n_items: int, **options: Any) -> None:
+        self.source, self.n_items, self.options = source, n_items, options
 
     @abstractmethod
     def evaluate(
@@ -278,22 +271,15 @@ class PerplexityTask(Task):
     def __init__(
         self, tokens: np.ndarray, n_bytes: int, source: DataSource, stride: int | None = None
     ) -> None:
-        super().__init__(source)
         if len(tokens) < 2:
             raise UserError(
                 f"{source.path} gives {len(tokens)} token(s): perplexity needs at least 2"
             )
+        # The first token has no context and is not scored.
+        super().__init__(source, len(tokens) - 1, stride=stride)
         self.tokens = tokens
         self.n_bytes = n_bytes  # bytes of the text that the scored tokens spell
         self.stride = stride
-
-    @property
-    def n_items(self) -> int:
-        return len(self.tokens) - 1  # the first token has no context and is not scored
-
-    @property
-    def options(self) -> dict[str, Any]:
-        return {"stride": self.stride}
 
     def evaluate(
         self, model: GPT, batch_size: int = DEFAULT_BATCH_SIZE, show_progress: bool = False
@@ -399,17 +385,9 @@ class HellaSwagTask(Task):
     name = "hellaswag"
 
     def __init__(self, items: list[ChoiceItem], source: DataSource, style: str) -> None:
-        super().__init__(source)
+        super().__init__(source, len(items), style=style)
         self.items = items
         self.style = style
-
-    @property
-    def n_items(self) -> int:
-        return len(self.items)
-
-    @property
-    def options(self) -> dict[str, Any]:
-        return {"style": self.style}
 
     def evaluate(
         self, model: GPT, batch_size: int = DEFAULT_BATCH_SIZE, show_progress: bool = False
@@ -481,12 +459,8 @@ class LambadaTask(Task):
     name = "lambada"
 
     def __init__(self, items: list[TargetItem], source: DataSource) -> None:
-        super().__init__(source)
+        super().__init__(source, len(items))
         self.items = items
-
-    @property
-    def n_items(self) -> int:
-        return len(self.items)
 
     def evaluate(
         self, model: GPT, batch_size: int = DEFAULT_BATCH_SIZE, show_progress: bool = False
@@ -566,16 +540,7 @@ class EvalResult:
     model_config: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "task": self.task,
-            "model": self.model,
-            "model_config": self.model_config,
-            "data": self.data.to_dict(),
-            "items": self.items,
-            "options": self.options,
-            "metrics": self.metrics,
-            "seconds": self.seconds,
-        }
+        return {**dataclasses.asdict(self), "data": self.data.to_dict()}
 
 
 def run_eval(
@@ -597,16 +562,8 @@ def run_eval(
     options = {"limit": limit, "batch_size": batch_size, **loaded.options}
     if task == "perplexity":
         options["stride"] = metrics["stride"]
-    return EvalResult(
-        task,
-        model_name,
-        metrics,
-        loaded.n_items,
-        loaded.source,
-        options,
-        seconds,
-        model.config.to_dict(),
-    )
+    return EvalResult(task, model_name, metrics, loaded.n_items, loaded.source, options,
+                      seconds, model.config.to_dict())  # fmt: skip
 
 
 def format_table(result: EvalResult) -> str:

@@ -132,7 +132,7 @@ def from_pretrained(source: str | Path, device: str | torch.device = "cpu") -> G
 
 
 def _load_hf_model(folder: Path) -> GPT:
-    data = read_hf_config(folder)
+    data = read_json(folder / CONFIG_FILE)
     config = config_from_hf(data, str(folder / CONFIG_FILE))
     tied = data.get("tie_word_embeddings", True) is not False
     weights = read_hf_weights(folder)
@@ -166,12 +166,8 @@ def save_pretrained(model: GPT, folder: str | Path, tokenizer: Tokenizer | None 
         # `gpt2 train --pad-vocab` rounded the embedding up to a multiple of 64 for speed; the
         # rows past the tokenizer's ids were never used, and Hugging Face's files leave them out.
         state[PREFIX + "wte.weight"] = state[PREFIX + "wte.weight"][:n].contiguous()
-        log.info(
-            "%s: the padded vocabulary (%d) cut to the tokenizer's %d ids",
-            folder,
-            config.vocab_size,
-            n,
-        )
+        log.info("%s: the padded vocabulary (%d) cut to the tokenizer's %d ids",
+                 folder, config.vocab_size, n)  # fmt: skip
         config = GPTConfig(**{**config.to_dict(), "vocab_size": n})
     with atomic_file(folder / SAFETENSORS_FILE) as tmp:
         # transformers refuses a safetensors file whose metadata does not name its framework.
@@ -255,7 +251,7 @@ def download_from_hub(repo_id: str) -> Path:
         ) from None
     try:
         folder = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=list(HUB_PATTERNS)))
-        if not _has_safetensors(folder):
+        if not any((folder / f).is_file() for f in (SAFETENSORS_FILE, SAFETENSORS_INDEX)):
             patterns = [CONFIG_FILE, *HUB_PICKLE_PATTERNS]
             folder = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:  # offline, no such repository, gated, HTTP errors: the same advice
@@ -267,11 +263,6 @@ def download_from_hub(repo_id: str) -> Path:
 
 
 # --- the config -----------------------------------------------------------------------------
-
-
-def read_hf_config(folder: Path) -> dict[str, Any]:
-    """The JSON object in ``folder/config.json``."""
-    return read_json(folder / CONFIG_FILE)
 
 
 def config_from_hf(data: dict[str, Any], where: str = CONFIG_FILE) -> GPTConfig:
@@ -529,7 +520,3 @@ def _first_line(e: Exception) -> str:
     """The first line of an exception's message (some run to pages), or its type's name."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
-
-
-def _has_safetensors(folder: Path) -> bool:
-    return (folder / SAFETENSORS_FILE).is_file() or (folder / SAFETENSORS_INDEX).is_file()

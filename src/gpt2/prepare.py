@@ -29,6 +29,7 @@ trained on it would read the new ids with the old vocabulary.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -386,14 +387,6 @@ class Progress:
     splits: dict[str, dict[str, int]] = field(default_factory=lambda: {s: {} for s in SPLITS})
     stats: dict[str, int] = field(default_factory=lambda: ReadStats().to_dict())
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "settings": self.settings,
-            "position": self.position.to_dict(),
-            "splits": self.splits,
-            "stats": self.stats,
-        }
-
 
 def run_settings(
     sources: Sequence[Source],
@@ -517,19 +510,8 @@ def prepare_shards(
     }
     try:
         checkpoint(out, progress, writers)  # from now on, a rerun resumes
-        _run(
-            sources,
-            out,
-            tokenizer,
-            progress,
-            writers,
-            workers,
-            text_field,
-            on_bad_line,
-            fast,
-            show_progress,
-            chat,
-        )
+        _run(sources, out, tokenizer, progress, writers, workers, text_field, on_bad_line, fast,
+             show_progress, chat)  # fmt: skip
     except UserError as e:
         for w in writers.values():
             w.close_files()
@@ -615,6 +597,6 @@ def checkpoint(out: Path, progress: Progress, writers: dict[str, ShardWriter]) -
     for w in writers.values():
         w.flush()
     progress.splits = {s: w.state() for s, w in writers.items()}
-    write_json(out / PROGRESS_FILE, progress.to_dict())
+    write_json(out / PROGRESS_FILE, dataclasses.asdict(progress))
     for w in writers.values():
         w.checkpointed()

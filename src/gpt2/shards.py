@@ -148,10 +148,7 @@ class ShardWriter:
         self.finished: list[str] = [shard_name(split, i) for i in range(shard)]
         self.stale: list[Path] = []  # full partials, deleted once a checkpoint no longer needs them
         self._remove_after_checkpoint()
-        self.file = self._open_partial(self._partial_path(self.shard), self.dtype.itemsize)
-        self.mask_file = (
-            self._open_partial(self._partial_path(self.shard, mask=True), 1) if masked else None
-        )
+        self._open_partials()
 
     def _partial_path(self, index: int, mask: bool = False) -> Path:
         name = shard_name(self.split, index)
@@ -167,6 +164,12 @@ class ShardWriter:
             keep = index < self.shard and not path.name.endswith(".partial")
             if not keep and not (index == self.shard and path.name.endswith(".partial")):
                 path.unlink()
+
+    def _open_partials(self) -> None:
+        """The current shard's partial (and its mask's), opened at the recorded size."""
+        self.file = self._open_partial(self._partial_path(self.shard), self.dtype.itemsize)
+        mask = self._partial_path(self.shard, mask=True)
+        self.mask_file = self._open_partial(mask, 1) if self.masked else None
 
     def _open_partial(self, path: Path, itemsize: int) -> BinaryIO:
         size = HEADER_BYTES + self.tokens * itemsize
@@ -216,9 +219,7 @@ class ShardWriter:
         log.info("wrote %s (%d tokens)", name, self.tokens)
         self.finished.append(name)
         self.shard, self.tokens = self.shard + 1, 0
-        self.file = self._open_partial(self._partial_path(self.shard), self.dtype.itemsize)
-        if self.masked:
-            self.mask_file = self._open_partial(self._partial_path(self.shard, mask=True), 1)
+        self._open_partials()
 
     def _publish(self, partial: Path, name: str, header: bytes) -> None:
         """The full partial copied to its final ``name``, header filled in, atomically."""
@@ -230,14 +231,14 @@ class ShardWriter:
 
     def close_files(self) -> None:
         """Close the open partials (a failed run, or a shard being finished)."""
-        self.file.close()
-        if self.mask_file is not None:
-            self.mask_file.close()
+        for f in (self.file, self.mask_file):
+            if f is not None:
+                f.close()
 
     def flush(self) -> None:
-        self.file.flush()
-        if self.mask_file is not None:
-            self.mask_file.flush()
+        for f in (self.file, self.mask_file):
+            if f is not None:
+                f.flush()
 
     def checkpointed(self) -> None:
         """The checkpoint now points past the stale partials: delete them."""

@@ -309,10 +309,8 @@ class Trainer:
             return resume_from.model
         if self.cfg.init_from:
             if self.cfg.pad_vocab and self.is_main:
-                log.warning(
-                    "pad_vocab applies to new models only; %s keeps its vocabulary",
-                    self.cfg.init_from,
-                )
+                log.warning("pad_vocab applies to new models only; %s keeps its vocabulary",
+                            self.cfg.init_from)  # fmt: skip
             return self._pretrained_model(overrides)
         vocab = meta["vocab_size"]
         if self.cfg.pad_vocab:
@@ -320,12 +318,8 @@ class Trainer:
         config = GPTConfig.preset(self.cfg.model, **{**overrides, "vocab_size": vocab})
         model = GPT(config)
         if self.is_main:
-            log.info(
-                "model %s: %.2fM parameters, %s",
-                self.cfg.model,
-                model.num_parameters() / 1e6,
-                config,
-            )
+            log.info("model %s: %.2fM parameters, %s",
+                     self.cfg.model, model.num_parameters() / 1e6, config)  # fmt: skip
         return model
 
     def _pretrained_model(self, overrides: dict[str, Any]) -> GPT:
@@ -338,10 +332,8 @@ class Trainer:
                 "the model's tokenizer"
             )
         if tokenizer.chat_template != self.tokenizer.chat_template and self.is_main:
-            log.info(
-                "%s has another chat template than the data; the checkpoints get the data's",
-                source,
-            )
+            log.info("%s has another chat template than the data; the checkpoints get the "
+                     "data's", source)  # fmt: skip
         if overrides.get("block_size"):
             model.crop_block_size(overrides["block_size"])
         if overrides.get("dropout") is not None:
@@ -367,12 +359,9 @@ class Trainer:
         if len(rngs) == self.env.world_size:
             restore_rng(rngs[self.env.rank])
         elif self.is_main:
-            log.warning(
-                "the checkpoint was written by %d processes, this run has %d: random "
-                "numbers (dropout) will differ from the original run",
-                len(rngs),
-                self.env.world_size,
-            )
+            log.warning("the checkpoint was written by %d processes, this run has %d: random "
+                        "numbers (dropout) will differ from the original run",
+                        len(rngs), self.env.world_size)  # fmt: skip
         if not self.is_main:
             return
         if changed:
@@ -382,11 +371,8 @@ class Trainer:
                 ", ".join(changed),
             )
         old, new = ckpt.train_config.to_dict(), self.cfg.to_dict()
-        diffs = [
-            f"{k} {old[k]!r} -> {new[k]!r}"
-            for k in new
-            if k in old and old[k] != new[k] and k != "resume"
-        ]
+        diffs = [f"{k} {old[k]!r} -> {new[k]!r}"
+                 for k in new if k in old and old[k] != new[k] and k != "resume"]  # fmt: skip
         if diffs:
             log.info("settings changed since the checkpoint: %s", "; ".join(diffs))
 
@@ -489,11 +475,8 @@ class Trainer:
                 if self.is_main:
                     log.warning("step %d: %s gave %s; step skipped", step, where, value)
                 return
-        last = (
-            f"; the last checkpoint ({self.last_checkpoint}) is intact"
-            if (self.last_checkpoint)
-            else ""
-        )
+        last = self.last_checkpoint
+        last = f"; the last checkpoint ({last}) is intact" if last else ""
         tail = (
             f" ({MAX_SKIPS_IN_A_ROW} steps skipped in a row)" if self.cfg.on_nan == "skip" else ""
         )
@@ -527,13 +510,8 @@ class Trainer:
         by the decode loop of `gpt2 sample` (ids past the tokenizer's, --pad-vocab's, masked)."""
         start = self.tokenizer.eot_token
         prompt = [start] if start is not None else self.tokenizer.encode("\n")
-        params = SamplingParams(
-            n_tokens,
-            temperature,
-            top_k,
-            seed=self.cfg.seed,
-            ignore_eot=True,  # a fixed length
-        )
+        # ignore_eot: a sample of a fixed length
+        params = SamplingParams(n_tokens, temperature, top_k, seed=self.cfg.seed, ignore_eot=True)
         self.model.eval()
         with self._autocast():
             text = complete(self.model, [prompt], params, self.tokenizer)[0].text
@@ -717,14 +695,8 @@ class Trainer:
     ) -> None:
         if self.is_main:
             trained = f" ({trained_per_s:.0f} trained on)" if self.masked else ""
-            log.info(
-                "step %d: train loss %.4f, val loss %.4f, %.0f tokens/s%s",
-                self.step,
-                losses["train"],
-                losses["val"],
-                tokens_per_s,
-                trained,
-            )
+            log.info("step %d: train loss %.4f, val loss %.4f, %.0f tokens/s%s",
+                     self.step, losses["train"], losses["val"], tokens_per_s, trained)  # fmt: skip
         metrics.write(step=self.step, train_loss=losses["train"], val_loss=losses["val"])
 
     def _run_eval_task(self, metrics: MetricsLog, evaluated: bool) -> None:

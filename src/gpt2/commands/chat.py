@@ -35,12 +35,8 @@ from gpt2.chat import (
     reply_content,
     reply_lead,
 )
-from gpt2.commands.sample import (
-    add_checkpoint_option,
-    add_sampling_options,
-    add_speed_options,
-    params_from_args,
-)
+from gpt2.commands.options import add_model_options, load_for_inference
+from gpt2.commands.sample import add_sampling_options, params_from_args
 from gpt2.errors import UserError
 from gpt2.generate import stream
 from gpt2.model import GPT
@@ -58,22 +54,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         f"{COMMANDS}. Ctrl-C stops a reply (what it said stays in the conversation); at the "
         "prompt, it ends the session.",
     )
-    add_checkpoint_option(p)
+    add_model_options(p)
     p.add_argument("--system", default="", help="the system message (default: none)")
     add_sampling_options(p, "most tokens in a reply")
-    add_speed_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpt2.checkpoint import load_model
-    from gpt2.decode_layout import prepare_for_decoding
-    from gpt2.device import resolve_device
-
     params = params_from_args(args)
-    model, tok = load_model(args.checkpoint, resolve_device(args.device))
+    model, tok, _ = load_for_inference(args)
     eos_text(tok)  # a vocabulary without end-of-text cannot end a reply: say so before starting
-    model = prepare_for_decoding(model, args.quantize, args.dtype)
     session = Session(model, tok, params, args.system, sys.stdout, sys.stderr)
     interactive = sys.stdin.isatty()
     if interactive:

@@ -7,10 +7,13 @@ import argparse
 import logging
 from pathlib import Path
 
-from gpt2.checkpoint import load_model
-from gpt2.commands.options import add_inference_precision, int_at_least, non_empty, positive_int
-from gpt2.decode_layout import prepare_for_decoding
-from gpt2.device import resolve_device
+from gpt2.commands.options import (
+    add_model_options,
+    int_at_least,
+    load_for_inference,
+    non_empty,
+    positive_int,
+)
 from gpt2.errors import UserError
 from gpt2.evaluate import (
     DEFAULT_BATCH_SIZE,
@@ -34,10 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         f"{defaults}), or on lm-evaluation-harness tasks (--harness; needs "
         f"pip install -e '.[harness]'), run on the model directly, without exporting it.",
     )
-    p.add_argument(
-        "--checkpoint", required=True, type=non_empty,
-        help="checkpoint folder (or run folder holding ckpt/), or a Hugging Face GPT-2 name/folder",
-    )  # fmt: skip
+    add_model_options(p)
     p.add_argument("--task", choices=TASKS, help="what to measure (or --harness)")
     p.add_argument(
         "--harness", metavar="TASKS",
@@ -82,8 +82,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", type=non_empty, help="JSON file for every figure (default: eval-TASK.json)"
     )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
-    add_inference_precision(p)
     p.set_defaults(func=run)
 
 
@@ -97,9 +95,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--{option.replace('_', '-')} applies to --harness only")
     if args.stride is not None and args.task != "perplexity":
         raise UserError("--stride applies to --task perplexity only")
-    device = resolve_device(args.device)
-    model, tokenizer = load_model(args.checkpoint, device)
-    model = prepare_for_decoding(model, args.quantize, args.dtype)  # what sample and serve run
+    model, tokenizer, device = load_for_inference(args)  # what sample and serve run
     if args.stride is not None and not 1 <= args.stride <= model.config.block_size:
         raise UserError(
             f"--stride must be between 1 and the model's block size {model.config.block_size}"
@@ -134,9 +130,7 @@ def run_harness(args: argparse.Namespace) -> int:
         raise UserError(f"--include-path {args.include_path}: not a folder")
     if args.stride is not None or args.data is not None or args.out is not None:
         raise UserError("--stride, --data and --out apply to --task; --harness has --output-path")
-    device = resolve_device(args.device)
-    model, tokenizer = load_model(args.checkpoint, device)
-    model = prepare_for_decoding(model, args.quantize, args.dtype)  # what sample and serve run
+    model, tokenizer, _ = load_for_inference(args)  # what sample and serve run
     lm = harness.HarnessModel(
         model, tokenizer, batch_size=args.batch_size, show_progress=not args.quiet
     )

@@ -15,7 +15,13 @@ import dataclasses
 import math
 import typing
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from gpt2.model import GPT
+    from gpt2.tokenizer import Tokenizer
 
 Invalid = argparse.ArgumentTypeError
 
@@ -53,7 +59,6 @@ def int_at_least(low: int) -> Callable[[str], int]:
 
 
 positive_int = int_at_least(1)
-non_negative_int = int_at_least(0)
 
 
 def int_in(low: int, high: int) -> Callable[[str], int]:
@@ -85,10 +90,6 @@ def float_in(
         return value
 
     return parse
-
-
-non_negative_float = float_in(0.0)
-positive_float = float_in(0.0, low_open=True)
 
 
 def non_empty(text: str) -> str:
@@ -143,19 +144,38 @@ def given_flags(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     }
 
 
-def add_inference_precision(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """``--dtype`` and ``--quantize``, the precision of a model used only for inference: one
-    definition for ``gpt2 sample``, ``gpt2 serve`` and ``gpt2 eval``, which all hand them to
-    `gpt2.decode_layout.prepare_for_decoding`."""
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """``--checkpoint`` and where and how the model runs (``--device``, ``--dtype``,
+    ``--quantize``): one definition for ``gpt2 sample``, ``chat``, ``eval`` and ``serve``, which
+    all load it by `load_for_inference`."""
     from gpt2.decode_layout import DECODE_DTYPES, QUANTIZE_MODES  # torch loads here, not before
 
     parser.add_argument(
+        "--checkpoint", required=True, type=non_empty,
+        help="checkpoint folder (or the run folder holding ckpt/), a Hugging Face GPT-2 folder, "
+        "or a Hub name",
+    )  # fmt: skip
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    speed.add_argument(
         "--dtype", choices=tuple(DECODE_DTYPES), default="float32",
         help="precision of the weights and activations: bfloat16 halves the bytes a token reads "
         "(fast on CPUs with AVX512-BF16 or AMX, and on GPUs), at a small cost in quality; the "
         "logits are float32 either way (default: float32)",
     )  # fmt: skip
-    parser.add_argument(
+    speed.add_argument(
         "--quantize", choices=QUANTIZE_MODES, default="none",
         help="int8: int8 weights for faster CPU decoding, at a small cost in quality (default: none)",
     )  # fmt: skip
+
+
+def load_for_inference(args: argparse.Namespace) -> tuple[GPT, Tokenizer, torch.device]:
+    """The model of `add_model_options`' flags, laid out for decoding
+    (`gpt2.decode_layout.prepare_for_decoding`), its tokenizer and its device."""
+    from gpt2.checkpoint import load_model
+    from gpt2.decode_layout import prepare_for_decoding
+    from gpt2.device import resolve_device
+
+    device = resolve_device(args.device)
+    model, tokenizer = load_model(args.checkpoint, device)
+    return prepare_for_decoding(model, args.quantize, args.dtype), tokenizer, device

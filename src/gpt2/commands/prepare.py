@@ -17,13 +17,14 @@ import argparse
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from gpt2.assets import fetch
 from gpt2.commands.options import float_in, non_empty, positive_int
 from gpt2.corpus import Source, find_sources, read_text
 from gpt2.errors import UserError
 from gpt2.prepare import prepare_shards, prepare_text
-from gpt2.tokenizer import get_tokenizer
+from gpt2.tokenizer import Tokenizer, get_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +90,7 @@ def run(args: argparse.Namespace) -> int:
         if given is not None:
             raise UserError(f"{flag} is for conversations: add --chat")
     inputs = args.input or ([] if args.hf_dataset else [fetch("tinyshakespeare/input.txt")])
-    sources = (
-        [Source("hf", args.hf_dataset, args.hf_subset, args.hf_split)]
-        if args.hf_dataset
-        else find_sources(inputs)
-    )
+    sources = _sources(args, inputs)
     if (
         len(inputs) == 1
         and Path(inputs[0]).is_file()
@@ -105,18 +102,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(
             "the char tokenizer is for one text file; use --tokenizer gpt2 or a BPE folder for a corpus"
         )
-    meta = prepare_shards(
-        sources,
-        args.out,
-        get_tokenizer(args.tokenizer or "gpt2"),
-        shard_tokens=args.shard_tokens or 100_000_000,
-        val_fraction=0.01 if args.val_fraction is None else args.val_fraction,
-        workers=args.workers,
-        text_field=args.text_field,
-        on_bad_line=args.on_bad_line,
-        fast=not args.reference_encoder,
-        show_progress=not args.quiet,
-    )
+    meta = _prepare_corpus(args, sources, get_tokenizer(args.tokenizer or "gpt2"), args.text_field)
     stats = meta["stats"]
     log.info(
         "wrote %s: %d train tokens in %d shards, %d val tokens in %d (%d + %d documents; "
@@ -126,6 +112,29 @@ def run(args: argparse.Namespace) -> int:
         stats["empty_documents"], stats["skipped_lines"], stats["replaced_characters"],
     )  # fmt: skip
     return 0
+
+
+def _sources(args: argparse.Namespace, inputs: list[str], chat: bool = False) -> list[Source]:
+    """The --hf-dataset, or the files behind ``inputs``."""
+    if args.hf_dataset:
+        return [Source("hf", args.hf_dataset, args.hf_subset, args.hf_split)]
+    return find_sources(inputs, chat=chat)
+
+
+def _prepare_corpus(
+    args: argparse.Namespace,
+    sources: list[Source],
+    tokenizer: Tokenizer,
+    text_field: str,
+    chat: bool = False,
+) -> dict[str, Any]:
+    """`prepare_shards` with the flags' settings (a corpus's defaults where one is not given)."""
+    return prepare_shards(
+        sources, args.out, tokenizer, shard_tokens=args.shard_tokens or 100_000_000,
+        val_fraction=0.01 if args.val_fraction is None else args.val_fraction,
+        workers=args.workers, text_field=text_field, on_bad_line=args.on_bad_line,
+        fast=not args.reference_encoder, show_progress=not args.quiet, chat=chat,
+    )  # fmt: skip
 
 
 def _prepare_one_file(args: argparse.Namespace, path: str) -> int:
@@ -149,27 +158,11 @@ def _prepare_chat(args: argparse.Namespace) -> int:
         raise UserError("--chat needs --input (JSONL or Parquet files, or folders) or --hf-dataset")
     if args.tokenizer == "char":
         raise UserError("--chat needs a tokenizer with an end-of-text token to end each reply: gpt2 or a BPE folder")  # fmt: skip
-    sources = (
-        [Source("hf", args.hf_dataset, args.hf_subset, args.hf_split)]
-        if args.hf_dataset
-        else find_sources(args.input, chat=True)
-    )
+    sources = _sources(args, args.input, chat=True)
     tokenizer = get_tokenizer(args.tokenizer or "gpt2")
     if args.chat_template:
         tokenizer.chat_template = read_text(args.chat_template)
-    meta = prepare_shards(
-        sources,
-        args.out,
-        tokenizer,
-        shard_tokens=args.shard_tokens or 100_000_000,
-        val_fraction=0.01 if args.val_fraction is None else args.val_fraction,
-        workers=args.workers,
-        text_field=args.messages_field or "messages",
-        on_bad_line=args.on_bad_line,
-        fast=not args.reference_encoder,
-        show_progress=not args.quiet,
-        chat=True,
-    )
+    meta = _prepare_corpus(args, sources, tokenizer, args.messages_field or "messages", chat=True)
     trained, stats = meta["trained_tokens"], meta["stats"]
     log.info(
         "wrote %s: %d train tokens (%d trained on) in %d shards, %d val tokens (%d trained on) "

@@ -6,10 +6,7 @@ import argparse
 import dataclasses
 import sys
 
-from gpt2.checkpoint import load_model
-from gpt2.commands.options import add_inference_precision
-from gpt2.decode_layout import prepare_for_decoding
-from gpt2.device import resolve_device
+from gpt2.commands.options import add_model_options, load_for_inference
 from gpt2.errors import UserError
 from gpt2.generate import SamplingParams, complete, stream
 from gpt2.tokenizer import Tokenizer
@@ -17,7 +14,7 @@ from gpt2.tokenizer import Tokenizer
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="generate text from a checkpoint")
-    add_checkpoint_option(p)
+    add_model_options(p)
     p.add_argument("--prompt", default="", help="text to continue (default: start of text)")
     g, s = add_sampling_options(p, "tokens to generate per sample")
     g.add_argument(
@@ -42,17 +39,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--num-samples", type=int, default=1, help="how many samples (default: 1)")
     s.add_argument("--stream", action="store_true", help="print the text as it is generated")
-    add_speed_options(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run)  # fmt: skip
 
 
-def add_checkpoint_option(p: argparse.ArgumentParser) -> None:
-    """``--checkpoint``, as every command that generates takes it."""
-    p.add_argument(
-        "--checkpoint",
-        required=True,
-        help="checkpoint folder (or the run folder holding it), a Hugging Face GPT-2 folder, or a Hub name",
-    )
+# The flags of the "decoding" group: (flag, type, default, help).
+DECODING_FLAGS = (
+    ("--temperature", float, 0.8, "0 is greedy; higher is more random (default: 0.8)"),
+    ("--top-k", int, 200, "sample among the k most likely tokens (default: 200; 0: all)"),
+    ("--top-p", float, 1.0,
+     "nucleus: the fewest tokens with this much probability, in (0, 1] (default: 1, off)"),
+    ("--min-p", float, 0.0,
+     "drop tokens less likely than this times the top token's probability (default: 0, off)"),
+    ("--repetition-penalty", float, 1.0,
+     "CTRL's penalty on tokens already seen, > 1 discourages them (default: 1, off)"),
+    ("--presence-penalty", float, 0.0,
+     "subtracted from tokens generated at least once (default: 0)"),
+    ("--frequency-penalty", float, 0.0,
+     "subtracted per earlier occurrence in the output (default: 0)"),
+)  # fmt: skip
 
 
 def add_sampling_options(
@@ -61,74 +65,18 @@ def add_sampling_options(
     """The sampling flags `params_from_args` reads (``gpt2 sample`` and ``gpt2 chat`` take
     them): the length, the decoding rules, stop strings and the seed. Returns the "decoding"
     and the "stopping and output" groups, for a command to add its own flags to."""
-    p.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=200,
-        help=f"{max_new_tokens_help} (default: 200)",
-    )
+    p.add_argument("--max-new-tokens", type=int, default=200,
+                   help=f"{max_new_tokens_help} (default: 200)")  # fmt: skip
     g = p.add_argument_group("decoding")
-    g.add_argument(
-        "--temperature",
-        type=float,
-        default=0.8,
-        help="0 is greedy; higher is more random (default: 0.8)",
-    )
-    g.add_argument(
-        "--top-k",
-        type=int,
-        default=200,
-        help="sample among the k most likely tokens (default: 200; 0: all)",
-    )
-    g.add_argument(
-        "--top-p",
-        type=float,
-        default=1.0,
-        help="nucleus: the fewest tokens with this much probability, in (0, 1] (default: 1, off)",
-    )
-    g.add_argument(
-        "--min-p",
-        type=float,
-        default=0.0,
-        help="drop tokens less likely than this times the top token's probability (default: 0, off)",
-    )
-    g.add_argument(
-        "--repetition-penalty",
-        type=float,
-        default=1.0,
-        help="CTRL's penalty on tokens already seen, > 1 discourages them (default: 1, off)",
-    )
-    g.add_argument(
-        "--presence-penalty",
-        type=float,
-        default=0.0,
-        help="subtracted from tokens generated at least once (default: 0)",
-    )
-    g.add_argument(
-        "--frequency-penalty",
-        type=float,
-        default=0.0,
-        help="subtracted per earlier occurrence in the output (default: 0)",
-    )
+    for flag, kind, default, help_text in DECODING_FLAGS:
+        g.add_argument(flag, type=kind, default=default, help=help_text)
     s = p.add_argument_group("stopping and output")
-    s.add_argument(
-        "--stop",
-        action="append",
-        default=[],
-        metavar="TEXT",
-        help="end the text before this string (repeatable)",
-    )
+    s.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end the text before this string (repeatable)")  # fmt: skip
     s.add_argument(
         "--seed", type=int, default=1337, help="random seed: the same seed gives the same text"
     )
     return g, s
-
-
-def add_speed_options(p: argparse.ArgumentParser) -> None:
-    """Where the model runs, and how its weights are stored for decoding."""
-    r = p.add_argument_group("speed")
-    r.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
-    add_inference_precision(r)
 
 
 def params_from_args(args: argparse.Namespace, **more: object) -> SamplingParams:
@@ -191,9 +139,7 @@ def crop_prompt(prompt: str, tok: Tokenizer, block_size: int) -> str | list[int]
 
 def run(args: argparse.Namespace) -> int:
     params = sample_params(args)
-    device = resolve_device(args.device)
-    model, tok = load_model(args.checkpoint, device)
-    model = prepare_for_decoding(model, args.quantize, args.dtype)
+    model, tok, _ = load_for_inference(args)
     prompt = crop_prompt(args.prompt, tok, model.config.block_size)
     if args.stream:
         for i in range(args.num_samples):

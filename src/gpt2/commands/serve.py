@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import logging
 import os
 from pathlib import Path
 
-from gpt2.commands.options import add_inference_precision, int_in, non_empty, positive_int
+from gpt2.commands.options import add_model_options, int_in, load_for_inference, positive_int
 from gpt2.errors import UserError
 
 log = logging.getLogger("gpt2.serve")
@@ -26,13 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Serve /v1/completions, /v1/models, /health and a playground page at /. "
         "Needs the serve extra: pip install -e '.[serve]'.",
     )
-    p.add_argument(
-        "--checkpoint",
-        required=True,
-        type=non_empty,
-        help="our checkpoint folder (or the run folder holding ckpt/), or a Hugging Face GPT-2 "
-        "name or folder",
-    )
+    add_model_options(p)
     p.add_argument(
         "--host",
         default="127.0.0.1",
@@ -47,55 +42,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}, else none)",
     )
     p.add_argument(
-        "--model-name",
-        default=None,
-        help="the model id clients send (default: the checkpoint's name)",
+        "--model-name", help="the model id clients send (default: the checkpoint's name)"
     )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
-    add_inference_precision(p)
-    p.add_argument(
-        "--max-batch",
-        type=positive_int,
-        default=d.max_batch,
-        help=f"sequences decoded together (default: {d.max_batch})",
-    )
-    p.add_argument(
-        "--max-queue",
-        type=positive_int,
-        default=d.max_queue,
-        help=f"sequences waiting for a slot before 429 (default: {d.max_queue})",
-    )
-    p.add_argument(
-        "--max-queued-tokens",
-        type=positive_int,
-        default=d.max_queued_tokens,
-        help="prompt plus completion tokens of the waiting sequences before 429 "
-        f"(default: {d.max_queued_tokens})",
-    )
-    p.add_argument(
-        "--max-tokens",
-        type=positive_int,
-        default=None,
-        help="most tokens per completion (default: the context length)",
-    )
-    p.add_argument(
-        "--max-n",
-        type=positive_int,
-        default=d.max_n,
-        help=f"most choices per prompt (default: {d.max_n})",
-    )
-    p.add_argument(
-        "--max-prompts",
-        type=positive_int,
-        default=d.max_prompts,
-        help=f"most prompts per request (default: {d.max_prompts})",
-    )
-    p.add_argument(
-        "--max-body-bytes",
-        type=positive_int,
-        default=d.max_body_bytes,
-        help=f"largest request body (default: {d.max_body_bytes // MiB} MiB)",
-    )
+    shown = {"max_tokens": "the context length", "max_body_bytes": f"{d.max_body_bytes // MiB} MiB"}
+    for name, help_text in (
+        ("max_batch", "sequences decoded together"),
+        ("max_queue", "sequences waiting for a slot before 429"),
+        ("max_queued_tokens", "prompt plus completion tokens of the waiting sequences before 429"),
+        ("max_tokens", "most tokens per completion"),
+        ("max_n", "most choices per prompt"),
+        ("max_prompts", "most prompts per request"),
+        ("max_body_bytes", "largest request body"),
+    ):  # one flag per field of Limits
+        p.add_argument(
+            "--" + name.replace("_", "-"), type=positive_int, default=getattr(d, name),
+            help=f"{help_text} (default: {shown.get(name, getattr(d, name))})",
+        )  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -110,24 +72,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(
             f"gpt2 serve needs the serve extra ({e.name} is missing): pip install -e '.[serve]'"
         ) from None
-    from gpt2.checkpoint import load_model
-    from gpt2.decode_layout import prepare_for_decoding
-    from gpt2.device import resolve_device
-
-    if not 0 <= args.port <= 65535:
-        raise UserError(f"--port must be in 0..65535, got {args.port}")
-    try:
-        limits = Limits(
-            max_body_bytes=args.max_body_bytes,
-            max_tokens=args.max_tokens,
-            max_n=args.max_n,
-            max_prompts=args.max_prompts,
-            max_batch=args.max_batch,
-            max_queue=args.max_queue,
-            max_queued_tokens=args.max_queued_tokens,
-        )
-    except ValueError as e:
-        raise UserError(str(e).replace("max_", "--max-").replace("_", "-")) from None
+    limits = Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)})
     if args.api_key is not None and not args.api_key.strip():
         raise UserError("--api-key must not be empty")
     if not _is_loopback(args.host) and not args.api_key:
@@ -140,9 +85,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     with sock:
-        device = resolve_device(args.device)
-        model, tokenizer = load_model(args.checkpoint, device)
-        model = prepare_for_decoding(model, args.quantize, args.dtype)
+        model, tokenizer, _ = load_for_inference(args)
         name = args.model_name or _default_name(args.checkpoint)
         app = create_app(model, tokenizer, model_name=name, limits=limits, api_key=args.api_key)
         c = model.config

@@ -201,17 +201,10 @@ class ApiKeyAuth:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/v1/"):
             given = dict(scope["headers"]).get(b"authorization")
-            if given is None:
-                err = APIError(
-                    401,
-                    "missing API key: send the header Authorization: Bearer KEY",
-                    code="invalid_api_key",
-                )
-                return await _send_error(send, err)
-            if not hmac.compare_digest(given, self.expected):
-                return await _send_error(
-                    send, APIError(401, "incorrect API key", code="invalid_api_key")
-                )
+            if given is None or not hmac.compare_digest(given, self.expected):
+                why = "missing API key: send the header Authorization: Bearer KEY"
+                why = why if given is None else "incorrect API key"
+                return await _send_error(send, APIError(401, why, code="invalid_api_key"))
         await self.app(scope, receive, send)
 
 

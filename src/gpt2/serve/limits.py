@@ -33,12 +33,9 @@ class Limits:
     max_queued_tokens: int = 1 << 15  # prompt + max_tokens summed over waiting sequences; 429
 
     def __post_init__(self) -> None:
-        names = ("max_body_bytes", "max_n", "max_prompts", "max_batch", "max_queue")
-        for name in (*names, "max_queued_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        for name, value in vars(self).items():
+            if value is not None and value < 1:  # None: max_tokens' "the context"
+                raise ValueError(f"{name} must be at least 1, got {value}")
 
     def max_new_tokens(self, context: int) -> int:
         return min(self.max_tokens or context, context)
