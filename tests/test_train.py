@@ -327,3 +327,20 @@ def test_weight_decay_only_on_matrices_and_fused_on_the_cpu() -> None:
     assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     assert decay["fused"] is True
+
+
+def test_the_loss_estimate_in_groups_equals_batch_by_batch(char_data, tmp_path):
+    """Evaluation runs several batches a forward; the mean per target is that of one batch at a
+    time. float32 sums in another order: equal to a few units of the last place of a loss near 4."""
+    trainer = Trainer(config(char_data, tmp_path, eval_iters=6), TINY, show_progress=False)
+    assert all(len(b) == 1 for b in trainer.eval_batches.values())  # all six in one forward
+    together = trainer.estimate_loss()
+    trainer.eval_batches = {
+        split: [(x[i : i + trainer.cfg.batch_size], y[i : i + trainer.cfg.batch_size])
+                for i in range(0, len(x), trainer.cfg.batch_size)]
+        for split, ((x, y),) in trainer.eval_batches.items()
+    }  # fmt: skip
+    assert all(len(b) == 6 for b in trainer.eval_batches.values())
+    one_by_one = trainer.estimate_loss()
+    for split in ("train", "val"):
+        assert together[split] == pytest.approx(one_by_one[split], rel=1e-6)

@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from gpt2.errors import UserError
-from gpt2.loader import Layout, Permutation, TrainBatches, WindowSequence, fixed_batches
+from gpt2.loader import (
+    Layout,
+    Permutation,
+    TrainBatches,
+    WindowSequence,
+    fixed_batches,
+    grouped,
+)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 1000, 4097, 65537])
@@ -84,3 +91,15 @@ def test_fixed_batches_split_across_ranks():
         assert len(parts[r]) == 3
         for i, (x, y) in enumerate(parts[r]):
             assert torch.equal(x, whole[2 * i + r][0]) and torch.equal(y, whole[2 * i + r][1])
+
+
+def test_grouped_batches_are_the_same_rows_in_the_same_order():
+    seq = WindowSequence([np.arange(3000, dtype=np.uint16)], block_size=16, seed=2)
+    batches = fixed_batches(seq, 4, 7)
+    assert grouped(batches, 1) is batches
+    groups = grouped(batches, 3)
+    assert [x.shape[0] for x, _ in groups] == [12, 12, 4]  # 7 batches of 4 rows: 3 + 3 + 1
+    for part in (0, 1):
+        assert torch.equal(
+            torch.cat([g[part] for g in groups]), torch.cat([b[part] for b in batches])
+        )

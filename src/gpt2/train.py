@@ -59,7 +59,7 @@ from gpt2.errors import UserError
 from gpt2.evaluate import Task, load_task
 from gpt2.files import make_folder
 from gpt2.generate import SamplingParams, complete
-from gpt2.loader import Layout, TrainBatches, WindowSequence, fixed_batches
+from gpt2.loader import Layout, TrainBatches, WindowSequence, fixed_batches, grouped
 from gpt2.metrics import (
     MetricsLog,
     flops_per_token,
@@ -77,6 +77,7 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"
 MAX_SKIPS_IN_A_ROW = 10  # --on-nan skip gives up after this many bad steps in a row
+EVAL_LOGITS_BYTES = 1 << 27  # float32 logits per forward when estimating the loss
 
 
 def learning_rate_at(step: int, cfg: TrainConfig) -> float:
@@ -263,13 +264,20 @@ class Trainer:
         train = WindowSequence(splits["train"], block, cfg.seed, "the train split", masks["train"])
         self.batches = TrainBatches(train, layout)
         n_batches = -(-cfg.eval_iters // env.world_size) * env.world_size
+        # As few forwards as the logits allow (one shape a batch under torch.compile).
+        per_group = 1 if cfg.compile else EVAL_LOGITS_BYTES // (self.micro_tokens * vocab * 4)
         self.eval_batches = {
-            split: fixed_batches(
-                WindowSequence(arrays, block, cfg.seed + 1 + i, f"the {split} split", masks[split]),
-                cfg.batch_size,
-                n_batches,
-                env.rank,
-                env.world_size,
+            split: grouped(
+                fixed_batches(
+                    WindowSequence(
+                        arrays, block, cfg.seed + 1 + i, f"the {split} split", masks[split]
+                    ),
+                    cfg.batch_size,
+                    n_batches,
+                    env.rank,
+                    env.world_size,
+                ),
+                per_group,
             )  # fmt: skip
             for i, (split, arrays) in enumerate(splits.items())
         }
@@ -489,17 +497,17 @@ class Trainer:
 
     @torch.no_grad()
     def estimate_loss(self) -> dict[str, float]:
-        """Mean loss over the fixed train and val batches (split across processes), dropout off.
-        On masked data, the mean over their scored tokens (each batch weighted by its count)."""
+        """Mean loss per scored target (every target, on text) over the fixed train and val
+        batches (split across processes), dropout off."""
         model = self.train_model
         model.eval()
         out = {}
         for split, batches in self.eval_batches.items():
-            total = torch.zeros(2, device=self.device)  # (sum of batch losses, batch count)
+            total = torch.zeros(2, device=self.device)  # (sum of losses, scored targets)
             for x, y in batches:
                 loss = self._forward_loss(model, self._to_device(x), self._to_device(y))
-                weight = float((y != -1).sum()) if self.masked else 1.0  # scored targets
-                total += torch.stack([loss.float() * weight, total.new_tensor(weight)])
+                scored = float((y != -1).sum())  # each forward weighs its scored targets
+                total += torch.stack([loss.float() * scored, total.new_tensor(scored)])
             total = distributed.all_reduce(total, self.env)
             out[split] = (total[0] / total[1]).item()
         model.train()
