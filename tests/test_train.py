@@ -19,7 +19,7 @@ from gpt2.config import GPTConfig, TrainConfig, load_toml, padded_vocab_size
 from gpt2.errors import UserError
 from gpt2.model import GPT, linear_cross_entropy
 from gpt2.prepare import prepare_text
-from gpt2.train import Trainer, accumulation_steps, build_optimizer
+from gpt2.train import EVAL_TOKENS, Trainer, accumulation_steps, build_optimizer
 
 TINY = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "dropout": 0.0}
 
@@ -333,6 +333,7 @@ def test_the_loss_estimate_in_groups_equals_batch_by_batch(char_data, tmp_path):
     """Evaluation runs several batches a forward; the mean per target is that of one batch at a
     time. float32 sums in another order: equal to a few units of the last place of a loss near 4."""
     trainer = Trainer(config(char_data, tmp_path, eval_iters=6), TINY, show_progress=False)
+    assert trainer.micro_tokens * 6 <= EVAL_TOKENS
     assert all(len(b) == 1 for b in trainer.eval_batches.values())  # all six in one forward
     together = trainer.estimate_loss()
     trainer.eval_batches = {

@@ -77,7 +77,8 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"
 MAX_SKIPS_IN_A_ROW = 10  # --on-nan skip gives up after this many bad steps in a row
-EVAL_LOGITS_BYTES = 1 << 27  # float32 logits per forward when estimating the loss
+EVAL_TOKENS = 8192  # positions per forward when estimating the loss: several small batches at once
+EVAL_LOGITS_BYTES = 1 << 27  # and at most this much of float32 logits
 
 
 def learning_rate_at(step: int, cfg: TrainConfig) -> float:
@@ -264,22 +265,23 @@ class Trainer:
         train = WindowSequence(splits["train"], block, cfg.seed, "the train split", masks["train"])
         self.batches = TrainBatches(train, layout)
         n_batches = -(-cfg.eval_iters // env.world_size) * env.world_size
-        # As few forwards as the logits allow (one shape a batch under torch.compile).
-        per_group = 1 if cfg.compile else EVAL_LOGITS_BYTES // (self.micro_tokens * vocab * 4)
+        # Fewer, larger forwards (one shape a batch under torch.compile, which would recompile).
+        per_group = min(
+            EVAL_TOKENS // self.micro_tokens,
+            EVAL_LOGITS_BYTES // (self.micro_tokens * vocab * 4),
+        )
+        per_group = 1 if cfg.compile else per_group
+        sequences = {
+            split: WindowSequence(
+                arrays, block, cfg.seed + 1 + i, f"the {split} split", masks[split]
+            )
+            for i, (split, arrays) in enumerate(splits.items())
+        }
         self.eval_batches = {
             split: grouped(
-                fixed_batches(
-                    WindowSequence(
-                        arrays, block, cfg.seed + 1 + i, f"the {split} split", masks[split]
-                    ),
-                    cfg.batch_size,
-                    n_batches,
-                    env.rank,
-                    env.world_size,
-                ),
-                per_group,
-            )  # fmt: skip
-            for i, (split, arrays) in enumerate(splits.items())
+                fixed_batches(seq, cfg.batch_size, n_batches, env.rank, env.world_size), per_group
+            )
+            for split, seq in sequences.items()
         }
 
     def _checkpoint_to_resume(self) -> Checkpoint | None:
