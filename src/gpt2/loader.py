@@ -274,9 +274,8 @@ def fixed_batches(
 def grouped(
     batches: list[tuple[torch.Tensor, torch.Tensor]], per_group: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``batches`` concatenated ``per_group`` at a time, for evaluation: a small model runs a few
-    large forwards several times faster than many small ones, and the mean loss per target is
-    the same."""
+    """``batches`` concatenated ``per_group`` at a time, for evaluation: fewer forwards of a small
+    model (less per-call overhead, fewer waits at thread barriers), the same mean loss per target."""
     if per_group <= 1:
         return batches
     return [

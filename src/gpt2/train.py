@@ -265,12 +265,10 @@ class Trainer:
         train = WindowSequence(splits["train"], block, cfg.seed, "the train split", masks["train"])
         self.batches = TrainBatches(train, layout)
         n_batches = -(-cfg.eval_iters // env.world_size) * env.world_size
-        # Fewer, larger forwards (one shape a batch under torch.compile, which would recompile).
-        per_group = min(
-            EVAL_TOKENS // self.micro_tokens,
-            EVAL_LOGITS_BYTES // (self.micro_tokens * vocab * 4),
-        )
-        per_group = 1 if cfg.compile else per_group
+        # Fewer, larger forwards; one batch a forward under torch.compile (a new shape recompiles).
+        per_group = 1 if cfg.compile else min(
+            EVAL_TOKENS // self.micro_tokens, EVAL_LOGITS_BYTES // (self.micro_tokens * vocab * 4)
+        )  # fmt: skip
         sequences = {
             split: WindowSequence(
                 arrays, block, cfg.seed + 1 + i, f"the {split} split", masks[split]
